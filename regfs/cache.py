@@ -1,0 +1,184 @@
+"""The local content-addressed object cache, in DVC's own layout.
+
+`<dir>/files/md5/ab/cdef...` for DVC 3 objects, `<dir>/ab/cdef...` for legacy (DVC 2) objects,
+`.dir` manifests beside them; mode 0444, as DVC writes them. So a DVC cache directory can be used
+as regfs's cache and the other way round. regfs's own state lives in `<dir>/regfs/`, which DVC
+never looks at (its name is not a two-hex-digit prefix).
+
+Invariants: an object becomes visible at its final path only by an atomic rename after its bytes
+were verified against its id; one object is written by one process at a time (an flock on a
+per-object lock file), so concurrent readers in any number of processes cause one download.
+"""
+
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from regfs.dvcmeta import HASH_LEGACY
+from regfs.errors import IntegrityError, RegfsError
+from regfs.hashing import StreamHasher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """One object: its id (md5 hex, `.dir` suffix for manifests) and the hash that named it."""
+
+    object_id: str
+    hash_name: str
+
+    @property
+    def digest(self) -> str:
+        return self.object_id.removesuffix(".dir")
+
+    @property
+    def relpath(self) -> str:
+        """Path below a cache or remote root; legacy objects use the pre-3.0 layout."""
+        prefix = "" if self.hash_name == HASH_LEGACY else "files/md5/"
+        return f"{prefix}{self.object_id[:2]}/{self.object_id[2:]}"
+
+
+class ObjectWriter:
+    """What a download writes into: a temporary file, hashed on the way."""
+
+    def __init__(self, file, hasher: StreamHasher):
+        self._file, self._hasher, self.size = file, hasher, 0
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._hasher.update(data)
+        self.size += len(data)
+
+
+class ObjectCache:
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
+        self.state_dir = os.path.join(self.directory, "regfs")
+        self._tmp_dir = os.path.join(self.state_dir, "tmp")
+        self._lock_dir = os.path.join(self.state_dir, "locks")
+        for path in (self._tmp_dir, self._lock_dir):
+            os.makedirs(path, exist_ok=True)
+        self.sizes = SizeIndex(os.path.join(self.state_dir, "sizes.sqlite"))
+
+    def path(self, ref: ObjectRef) -> str:
+        return os.path.join(self.directory, ref.relpath)
+
+    def find(self, ref: ObjectRef) -> str | None:
+        path = self.path(ref)
+        return path if os.path.isfile(path) else None
+
+    def size(self, ref: ObjectRef) -> int | None:
+        try:
+            return os.stat(self.path(ref)).st_size
+        except FileNotFoundError:
+            return None
+
+    def install(self, ref: ObjectRef, fill: Callable[[ObjectWriter], None]) -> str:
+        """The object's cache path, calling `fill` to download it unless another process did."""
+        target = self.path(ref)
+        if os.path.isfile(target):
+            return target
+        with self._locked(ref):
+            if os.path.isfile(target):
+                return target
+            self._download(ref, fill, target)
+        return target
+
+    def _download(self, ref: ObjectRef, fill, target: str) -> None:
+        fd, tmp_path = tempfile.mkstemp(dir=self._tmp_dir, prefix=ref.digest[:12] + ".")
+        try:
+            hasher = StreamHasher(ref.hash_name)
+            with os.fdopen(fd, "wb") as file:
+                writer = ObjectWriter(file, hasher)
+                fill(writer)
+            digest = hasher.hexdigest()
+            if digest != ref.digest:
+                raise IntegrityError(f"object {ref.object_id} is corrupt: its bytes hash to {digest} "
+                                     f"({ref.hash_name})")
+            os.chmod(tmp_path, 0o444)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(tmp_path, target)
+            self.sizes.put(ref, writer.size)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_path)
+
+    @contextlib.contextmanager
+    def _locked(self, ref: ObjectRef) -> Iterator[None]:
+        """An exclusive flock on the object's lock file; the file is removed while still held."""
+        path = os.path.join(self._lock_dir, ref.object_id + ".lock")
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                # Another holder may have unlinked the file between our open and our flock.
+                if _same_file(fd, path):
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            os.close(fd)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+class SizeIndex:
+    """Persistent object sizes (an object's size never changes), shared by processes via sqlite."""
+
+    def __init__(self, path: str):
+        self._path = path
+        self._local = threading.local()
+        with self._connection() as connection:
+            connection.execute("CREATE TABLE IF NOT EXISTS sizes (object TEXT PRIMARY KEY, size INTEGER)")
+
+    def _connection(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            try:
+                connection = sqlite3.connect(self._path, timeout=30)
+                connection.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.Error as exc:
+                raise RegfsError(f"cannot open size index {self._path}: {exc}") from exc
+            self._local.connection = connection
+        return connection
+
+    def get_many(self, refs: list[ObjectRef]) -> dict[ObjectRef, int]:
+        found, connection = {}, self._connection()
+        for start in range(0, len(refs), 500):
+            batch = {ref.relpath: ref for ref in refs[start:start + 500]}
+            marks = ",".join("?" * len(batch))
+            rows = connection.execute(f"SELECT object, size FROM sizes WHERE object IN ({marks})", list(batch))
+            found.update((batch[key], size) for key, size in rows)
+        return found
+
+    def put(self, ref: ObjectRef, size: int) -> None:
+        self.put_many({ref: size})
+
+    def put_many(self, sizes: dict[ObjectRef, int]) -> None:
+        if not sizes:
+            return
+        try:
+            with self._connection() as connection:
+                connection.executemany("INSERT OR REPLACE INTO sizes VALUES (?, ?)",
+                                       [(ref.relpath, size) for ref, size in sizes.items()])
+        except sqlite3.Error as exc:
+            # The index only saves round trips: losing an entry costs a remote lookup, not data.
+            logger.warning("cannot record object sizes in %s: %s", self._path, exc)

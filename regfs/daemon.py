@@ -1,0 +1,202 @@
+"""The mount daemon's lifecycle: set up, mount, report readiness, refresh refs, unmount cleanly.
+
+`regfs mount` (without -f) starts this same program in the foreground as a detached child with a
+readiness pipe, and exits only when the child writes `ready` (exit 0) or an error line (exit 1), so
+a successful `regfs mount` always leaves a usable mount. The daemon records its pid per mountpoint
+so that `regfs umount` can wait for it to exit. SIGTERM/SIGINT make libfuse leave its loop and
+unmount; nothing is left behind.
+"""
+
+import errno
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from regfs.address import Address
+from regfs.dvcconfig import Config, parse_override
+from regfs.errors import RegfsError, UsageError
+from regfs.namespace import MountView
+from regfs.registry import Context, Registry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MountOptions:
+    address: Address
+    mountpoint: str
+    cache_dir: str
+    refresh: float = 60.0
+    remote: str | None = None
+    remote_config: list[str] = field(default_factory=list)
+    log_file: str | None = None
+    debug: bool = False
+
+
+def overrides(remote: str | None, remote_config: list[str]) -> Config:
+    """The command line's config level: `--remote` and `--remote-config NAME.KEY=VALUE`."""
+    config = Config()
+    if remote:
+        config.core["remote"] = remote.lower()
+    for item in remote_config:
+        name, key, value = parse_override(item)
+        config.remotes.setdefault(name, {})[key] = value
+    return config
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    try:
+        info = os.stat(mountpoint)
+    except FileNotFoundError:
+        raise UsageError(f"mountpoint {mountpoint} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise UsageError(f"mountpoint {mountpoint} is a dead FUSE mount (transport endpoint is not "
+                             f"connected); run: regfs umount {mountpoint}") from exc
+        raise UsageError(f"mountpoint {mountpoint}: {exc.strerror}") from exc
+    if not os.path.isdir(mountpoint) or info is None:
+        raise UsageError(f"mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise UsageError(f"mountpoint {mountpoint} is busy: something is already mounted there")
+
+
+def pid_file(mountpoint: str) -> str:
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/regfs-{os.getuid()}"
+    os.makedirs(runtime, mode=0o700, exist_ok=True)
+    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:24]
+    return os.path.join(runtime, f"regfs-{key}.pid")
+
+
+def default_log_file(cache_dir: str, mountpoint: str) -> str:
+    name = os.path.realpath(mountpoint).strip("/").replace("/", "_") or "root"
+    return os.path.join(cache_dir, "regfs", "logs", f"{name[-100:]}.log")
+
+
+def serve(options: MountOptions, ready_fd: int | None = None) -> int:
+    """Run the daemon in this process until the filesystem is unmounted."""
+    from regfs import fuse  # libfuse is loaded only by processes that mount
+
+    report = _Readiness(ready_fd)
+    try:
+        check_mountpoint(options.mountpoint)
+        context = Context(options.cache_dir)
+        registry = Registry(options.address.url, context,
+                            overrides(options.remote, options.remote_config))
+        registry.update()
+        pinned = registry.mirror.resolve(options.address.revision) if options.address.revision else None
+        view = MountView(registry, pinned)
+    except RegfsError as exc:
+        logger.error("%s", exc)
+        report.failed(str(exc))
+        return 1
+    logger.info("mounting %s at %s (cache %s)", options.address, options.mountpoint, options.cache_dir)
+    stop = threading.Event()
+    if pinned is None and options.refresh > 0:
+        threading.Thread(target=_refresh_loop, args=(view, options.refresh, stop), daemon=True,
+                         name="regfs-refresh").start()
+    pid_path = pid_file(options.mountpoint)
+    try:
+        with open(pid_path, "w") as file:
+            file.write(str(os.getpid()))
+        fuse.mount(view, options.mountpoint, f"regfs:{options.address.url}", on_ready=report.ready,
+                   debug=options.debug)
+    except RuntimeError as exc:
+        logger.error("mount of %s failed: %s", options.mountpoint, exc)
+        report.failed(f"cannot mount {options.mountpoint} (see {options.log_file or 'the log'})")
+        return 1
+    finally:
+        stop.set()
+        _remove(pid_path)
+    if not report.was_ready:
+        report.failed(f"libfuse could not mount {options.mountpoint}; see the log for its reason")
+        return 1
+    logger.info("unmounted %s", options.mountpoint)
+    return 0
+
+
+def _refresh_loop(view: MountView, interval: float, stop: threading.Event) -> None:
+    while not stop.wait(interval):
+        try:
+            view.refresh()
+        except RegfsError as exc:
+            logger.warning("refresh failed, keeping the previous refs: %s", exc)
+
+
+def spawn(argv: list[str], options: MountOptions) -> int:
+    """Start the daemon detached and wait until it reports the mount ready or failed."""
+    log_file = options.log_file or default_log_file(options.cache_dir, options.mountpoint)
+    os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+    read_fd, write_fd = os.pipe()
+    with open(log_file, "ab") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "regfs", *argv, "--foreground", "--ready-fd", str(write_fd)],
+            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            start_new_session=True)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read().decode("utf-8", "replace").strip()
+    if message == "ready":
+        return 0
+    if message.startswith("error: "):
+        child.wait()
+        raise RegfsError(message[len("error: "):])
+    status = child.wait()
+    raise RegfsError(f"the daemon exited (status {status}) before the mount was ready; see {log_file}")
+
+
+def wait_for_exit(mountpoint: str, timeout: float = 30.0) -> None:
+    """After an unmount, wait for the daemon that served `mountpoint` to exit."""
+    path = pid_file(mountpoint)
+    try:
+        with open(path) as file:
+            pid = int(file.read().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return
+    deadline = time.monotonic() + timeout
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        if pid:
+            raise RegfsError(f"the daemon (pid {pid}) of {mountpoint} did not exit after unmount")
+    _remove(path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class _Readiness:
+    """The write end of the readiness pipe from `spawn`, if any."""
+
+    def __init__(self, fd: int | None):
+        self._fd = fd
+        self.was_ready = False
+
+    def ready(self) -> None:
+        self.was_ready = True
+        self._send("ready")
+
+    def failed(self, message: str) -> None:
+        self._send(f"error: {message}")
+
+    def _send(self, message: str) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.write(self._fd, message.encode() + b"\n")
+            os.close(self._fd)
+        except OSError:
+            pass
+        self._fd = None

@@ -1,0 +1,158 @@
+"""DVC configuration: the configobj INI dialect, its levels, and remote settings.
+
+Levels, lowest precedence first (../shared/dvc-format.md section 7): system, global, the
+registry's `.dvc/config` as committed, then what the user gives on the command line (the role
+`.dvc/config.local` plays for DVC). Section and key names are case-insensitive, and so are remote
+names (DVC lower-cases them). Relative paths in a level resolve against that level's directory.
+Parsing is pure; only `user_levels` reads files.
+"""
+
+import os
+import re
+from dataclasses import dataclass, field
+
+from regfs.errors import ConfigError
+
+_SECTION = re.compile(r"""^\[\s*(?P<quote>['"]?)(?P<name>.*?)(?P=quote)\s*\]\s*(?:[#;].*)?$""")
+_REMOTE_SECTION = re.compile(r"""^remote\s+["'](?P<name>.+)["']$""")
+_PATH_OPTIONS = ("credentialpath", "configpath", "keyfile", "gdrive_user_credentials_file",
+                 "gdrive_service_account_json_file_path")
+
+
+@dataclass(frozen=True)
+class RemoteSpec:
+    name: str
+    url: str
+    options: dict = field(default_factory=dict, hash=False)
+
+    @property
+    def is_local(self) -> bool:
+        return is_local_path(self.url)
+
+
+@dataclass
+class Config:
+    """Merged settings: `core` options and one dict of options per remote (with `url`)."""
+
+    core: dict = field(default_factory=dict)
+    remotes: dict[str, dict] = field(default_factory=dict)
+
+    def merged(self, other: "Config") -> "Config":
+        remotes = {name: dict(options) for name, options in self.remotes.items()}
+        for name, options in other.remotes.items():
+            remotes.setdefault(name, {}).update(options)
+        return Config({**self.core, **other.core}, remotes)
+
+    def remote(self, name: str | None) -> RemoteSpec:
+        """The settings of remote `name`, or of the default remote (`core.remote`)."""
+        name = (name or self.core.get("remote") or "").lower()
+        if not name:
+            raise ConfigError("no remote: the registry has no default remote (core.remote); "
+                              "give one with --remote NAME")
+        options = self.remotes.get(name)
+        if options is None or not options.get("url"):
+            raise ConfigError(f"remote '{name}' is not configured (known: {', '.join(sorted(self.remotes)) or 'none'})")
+        return _resolve_remote_url(name, dict(options), self)
+
+
+def parse_config(text: str, base_dir: str | None = None) -> Config:
+    """Parse one config level; relative paths are made absolute against `base_dir` if given."""
+    config, section = Config(), None
+    for number, raw_line in enumerate(text.splitlines(), 1):
+        line = raw_line.strip()
+        if not line or line[0] in "#;":
+            continue
+        match = _SECTION.match(line)
+        if match:
+            section = _section(config, match.group("name").strip())
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise ConfigError(f"config line {number}: expected 'key = value', got {line!r:.80}")
+        if section is None:
+            continue  # configobj allows keys before any section; DVC ignores them
+        section[key.strip().lower()] = _value(value.strip())
+    if base_dir:
+        _absolutize(config, base_dir)
+    return config
+
+
+def parse_override(text: str) -> tuple[str, str, str]:
+    """`NAME.KEY=VALUE` from --remote-config."""
+    target, sep, value = text.partition("=")
+    name, dot, key = target.rpartition(".")
+    if not sep or not dot or not name or not key:
+        raise ConfigError(f"--remote-config expects NAME.KEY=VALUE, got {text!r}")
+    return name.lower(), key.lower(), value
+
+
+def user_levels() -> list[Config]:
+    """The system and global DVC config files of this machine, lowest precedence first."""
+    system_dir = os.environ.get("DVC_SYSTEM_CONFIG_DIR") or os.path.join(
+        (os.environ.get("XDG_CONFIG_DIRS") or "/etc/xdg").split(":")[0], "dvc")
+    global_dir = os.environ.get("DVC_GLOBAL_CONFIG_DIR") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "dvc")
+    levels = []
+    for directory in (system_dir, global_dir):
+        path = os.path.join(directory, "config")
+        try:
+            with open(path, encoding="utf-8") as file:
+                levels.append(parse_config(file.read(), directory))
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError, ConfigError) as exc:
+            raise ConfigError(f"cannot read DVC config {path}: {exc}") from exc
+    return levels
+
+
+def is_local_path(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _section(config: Config, name: str) -> dict:
+    remote = _REMOTE_SECTION.match(name)
+    if remote:
+        return config.remotes.setdefault(remote.group("name").lower(), {})
+    if name.lower() == "core":
+        return config.core
+    return {}  # cache, state, feature...: nothing regfs reads
+
+
+def _value(text: str):
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    text = re.split(r"\s+#", text, maxsplit=1)[0].strip()
+    if "," in text:
+        return [item.strip().strip("'\"") for item in text.split(",") if item.strip()]
+    return text
+
+
+def _absolutize(config: Config, base_dir: str) -> None:
+    for options in config.remotes.values():
+        url = options.get("url")
+        if isinstance(url, str) and is_local_path(url) and not url.startswith("remote://"):
+            path = url[len("file://"):] if url.startswith("file://") else url
+            options["url"] = os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
+        for key in _PATH_OPTIONS:
+            if isinstance(options.get(key), str):
+                options[key] = os.path.normpath(os.path.join(base_dir, os.path.expanduser(options[key])))
+
+
+def _resolve_remote_url(name: str, options: dict, config: Config, depth: int = 0) -> RemoteSpec:
+    url = options.pop("url")
+    if not isinstance(url, str):
+        raise ConfigError(f"remote '{name}': url must be a string")
+    if url.startswith("remote://"):
+        if depth > 8:
+            raise ConfigError(f"remote '{name}': remote:// chain too deep")
+        base_name, _, sub = url[len("remote://"):].partition("/")
+        base = config.remotes.get(base_name.lower())
+        if not base or not base.get("url"):
+            raise ConfigError(f"remote '{name}' refers to unknown remote '{base_name}'")
+        base_spec = _resolve_remote_url(base_name.lower(), dict(base), config, depth + 1)
+        url = base_spec.url.rstrip("/") + ("/" + sub if sub else "")
+        options = {**base_spec.options, **options}
+    elif is_local_path(url) and not os.path.isabs(url.removeprefix("file://")):
+        raise ConfigError(f"remote '{name}': relative path {url!r} cannot be resolved for a registry "
+                          f"that is not a local directory; give --remote-config {name}.url=PATH")
+    return RemoteSpec(name, url.removeprefix("file://"), options)

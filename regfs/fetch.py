@@ -1,0 +1,96 @@
+"""Getting objects into the cache, and their sizes, from the remote that holds them.
+
+`ObjectStore` is one remote as the tree sees it: "give me a local path for this object" and "what
+sizes do these objects have", answered from the cache, the size index, then the remote. The remote
+is opened lazily, so a registry whose remote is misconfigured still lists, and fails at read time
+with an error that names the object and the remote.
+"""
+
+import logging
+import threading
+from collections.abc import Callable
+
+from cachetools import LRUCache
+
+from regfs.cache import ObjectCache, ObjectRef
+from regfs.dvcmeta import DirEntry, parse_dir_manifest
+from regfs.remotes import Remote
+
+logger = logging.getLogger(__name__)
+
+
+class Fetcher:
+    """Shared by every store of a process: the cache and the parsed-manifest memo."""
+
+    def __init__(self, cache: ObjectCache):
+        self.cache = cache
+        self._manifests: LRUCache = LRUCache(maxsize=256)
+        self._manifest_lock = threading.Lock()
+
+    def fetch(self, ref: ObjectRef, remote: Remote) -> str:
+        def fill(writer) -> None:
+            for chunk in remote.stream(ref.relpath):
+                writer.write(chunk)
+
+        path = self.cache.find(ref)
+        if path is not None:
+            return path
+        logger.debug("downloading %s from %s", ref.object_id, remote.describe())
+        return self.cache.install(ref, fill)
+
+    def manifest(self, ref: ObjectRef, remote_of: Callable[[], Remote]) -> list[DirEntry]:
+        with self._manifest_lock:
+            entries = self._manifests.get(ref)
+        if entries is None:
+            path = self.cache.find(ref) or self.fetch(ref, remote_of())
+            with open(path, "rb") as file:
+                entries = parse_dir_manifest(file.read(), f"manifest {ref.object_id}")
+            with self._manifest_lock:
+                self._manifests[ref] = entries
+        return entries
+
+    def sizes(self, refs: list[ObjectRef], remote_of: Callable[[], Remote]) -> dict[ObjectRef, int]:
+        """Sizes known to the index, the cache or the remote; missing objects are left out."""
+        found = self.cache.sizes.get_many(refs)
+        learned = {}
+        for ref in refs:
+            if ref not in found and (size := self.cache.size(ref)) is not None:
+                learned[ref] = size
+        missing = [ref for ref in refs if ref not in found and ref not in learned]
+        if missing:
+            by_path = {ref.relpath: ref for ref in missing}
+            for relpath, size in remote_of().sizes(list(by_path)).items():
+                learned[by_path[relpath]] = size
+        self.cache.sizes.put_many(learned)
+        return {**found, **learned}
+
+
+class ObjectStore:
+    """Objects of one registry that live on one remote (named, or the default one)."""
+
+    def __init__(self, fetcher: Fetcher, open_remote: Callable[[], Remote], label: str):
+        self._fetcher = fetcher
+        self._open_remote = open_remote
+        self._remote: Remote | None = None
+        self._lock = threading.Lock()
+        self.label = label
+
+    def remote(self) -> Remote:
+        with self._lock:
+            if self._remote is None:
+                self._remote = self._open_remote()
+            return self._remote
+
+    def path(self, ref: ObjectRef) -> str:
+        """A local path with the object's verified bytes, downloading them if needed."""
+        cached = self._fetcher.cache.find(ref)
+        if cached is not None:
+            return cached
+        return self._fetcher.fetch(ref, self.remote())
+
+    def manifest(self, ref: ObjectRef) -> list[DirEntry]:
+        return self._fetcher.manifest(ref, self.remote)
+
+    def sizes(self, refs: list[ObjectRef]) -> dict[ObjectRef, int]:
+        return self._fetcher.sizes(refs, self.remote)
+

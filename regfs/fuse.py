@@ -1,0 +1,128 @@
+"""The FUSE adapter (the only mfusepy user): translates kernel requests into `MountView` calls.
+
+No logic lives here: each callback asks the view and maps the answer to a stat dict, bytes or an
+errno. `RegfsError`s carry their errno; failures that a reader sees as EIO are logged once here,
+with the path, since the core's message already names the object and the remote. Every write
+operation is EROFS, and the mount is also made with `ro` so the kernel refuses most of them first.
+"""
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable
+
+# mfusepy loads libfuse2 when both are installed unless told otherwise; libfuse2 caps reads at
+# 128 KiB and lacks the libfuse3 config. Our packages and docs install fuse3.
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+import mfusepy  # noqa: E402
+
+from regfs.errors import ReadOnly, RegfsError  # noqa: E402
+from regfs.namespace import Attr, FileReader, MountView  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+def _translated(operation: Callable) -> Callable:
+    @functools.wraps(operation)
+    def wrapper(self, path, *args):
+        try:
+            return operation(self, path, *args)
+        except RegfsError as exc:
+            if exc.errno == errno.EIO:
+                logger.error("%s %s: %s", operation.__name__, path, exc)
+            raise mfusepy.FuseOSError(exc.errno) from exc
+        except OSError as exc:
+            logger.error("%s %s: %s", operation.__name__, path, exc)
+            raise mfusepy.FuseOSError(errno.EIO) from exc
+
+    return wrapper
+
+
+def _read_only(*_args) -> int:
+    raise mfusepy.FuseOSError(errno.EROFS)
+
+
+class Operations(mfusepy.Operations):
+    use_ns = True
+
+    def __init__(self, view: MountView, on_ready: Callable[[], None] | None = None):
+        self._view = view
+        self._on_ready = on_ready
+        self._handles: dict[int, FileReader] = {}
+        self._handle_ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._uid, self._gid = os.getuid(), os.getgid()
+
+    def init(self, path: str) -> None:
+        if self._on_ready is not None:
+            self._on_ready()
+
+    @_translated
+    def getattr(self, path: str, fh: int | None = None) -> dict:
+        return self._stat(self._view.attr(path))
+
+    @_translated
+    def readdir(self, path: str, fh: int) -> list[str]:
+        return [".", "..", *self._view.listdir(path)]
+
+    @_translated
+    def readlink(self, path: str) -> str:
+        return self._view.readlink(path)
+
+    @_translated
+    def open(self, path: str, flags: int) -> int:
+        if flags & _WRITE_FLAGS:
+            raise ReadOnly(f"read-only: {path}")
+        reader = self._view.open(path)
+        with self._lock:
+            handle = next(self._handle_ids)
+            self._handles[handle] = reader
+        return handle
+
+    @_translated
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        return self._handles[fh].read(size, offset)
+
+    def release(self, path: str, fh: int) -> int:
+        with self._lock:
+            reader = self._handles.pop(fh, None)
+        if reader is not None:
+            reader.close()
+        return 0
+
+    def access(self, path: str, amode: int) -> int:
+        if amode & os.W_OK:
+            raise mfusepy.FuseOSError(errno.EROFS)
+        return 0
+
+    def statfs(self, path: str) -> dict:
+        return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
+
+    chmod = chown = create = mkdir = rmdir = unlink = rename = symlink = link = _read_only
+    truncate = utimens = write = setxattr = removexattr = mknod = _read_only
+
+    def _stat(self, attr: Attr) -> dict:
+        if attr.kind == "dir":
+            mode, nlink = stat.S_IFDIR | 0o555, 2
+        elif attr.kind == "link":
+            mode, nlink = stat.S_IFLNK | 0o777, 1
+        else:
+            mode, nlink = stat.S_IFREG | (0o555 if attr.is_exec else 0o444), 1
+        mtime_ns = attr.mtime * 1_000_000_000
+        return {"st_mode": mode, "st_nlink": nlink, "st_size": attr.size, "st_uid": self._uid,
+                "st_gid": self._gid, "st_mtime": mtime_ns, "st_ctime": mtime_ns, "st_atime": mtime_ns,
+                "st_blocks": (attr.size + 511) // 512}
+
+
+def mount(view: MountView, mountpoint: str, fsname: str, on_ready: Callable[[], None] | None = None,
+          debug: bool = False) -> None:
+    """Serve `view` at `mountpoint` until unmounted or signalled (SIGTERM/SIGINT unmount)."""
+    safe_name = "".join(char if char.isalnum() or char in "/:._-@" else "_" for char in fsname)
+    mfusepy.FUSE(Operations(view, on_ready), mountpoint, foreground=True, nothreads=False, debug=debug,
+                 ro=True, default_permissions=True, fsname=safe_name, subtype="regfs")

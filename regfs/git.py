@@ -1,0 +1,219 @@
+"""Read-only access to a registry's Git history, through a bare mirror (the only pygit2 user).
+
+The mirror lives under the cache directory, one per URL, and is fetched with `+refs/heads/*` and
+`+refs/tags/*` refspecs; no working tree is ever checked out. Fetches of one mirror by several
+processes are serialised by a lock file beside it. Commits and blobs are immutable, so everything
+read by sha can be cached forever by callers.
+"""
+
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pygit2
+
+from regfs.errors import RevisionNotFound, SourceError
+
+logger = logging.getLogger(__name__)
+
+_REFSPECS = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"]
+_HEX = re.compile(r"^[0-9a-fA-F]{7,40}$")
+MODE_EXEC = 0o100755
+MODE_LINK = 0o120000
+MODE_GITLINK = 0o160000
+
+
+@dataclass(frozen=True)
+class TreeItem:
+    path: str  # POSIX, relative to the commit root
+    kind: str  # "file", "link", "dir" (a tree or a submodule, which checks out as an empty dir)
+    blob_id: str | None
+    is_exec: bool = False
+
+
+class Mirror:
+    """A bare mirror of one registry URL."""
+
+    def __init__(self, url: str, directory: str):
+        self.url = url
+        self.path = os.path.join(directory, _mirror_name(url))
+        self._lock_path = self.path + ".lock"
+        self._repo: pygit2.Repository | None = None
+        self._lock = threading.RLock()
+
+    def fetch(self) -> None:
+        """Create the mirror if needed and fetch every branch and tag from the URL."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self._lock_path, "a") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                self._fetch_locked()
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def _fetch_locked(self) -> None:
+        repo = self._open_or_init()
+        remote = repo.remotes.create_anonymous(self.url)
+        callbacks = _Credentials()
+        try:
+            heads = remote.list_heads(callbacks=callbacks)
+            remote.fetch(_REFSPECS, callbacks=callbacks, prune=pygit2.enums.FetchPrune.PRUNE)
+        except (pygit2.GitError, KeyError, ValueError) as exc:
+            raise SourceError(f"cannot fetch {self.url}: {_first_line(exc)}") from exc
+        head = next((h for h in heads if h.name == "HEAD"), None)
+        target = getattr(head, "symref_target", None) if head else None
+        if target and target in repo.references:
+            repo.set_head(target)
+        with self._lock:
+            self._repo = None  # reopen so new packs are seen
+
+    def _open_or_init(self) -> pygit2.Repository:
+        if os.path.isdir(self.path):
+            return pygit2.Repository(self.path)
+        return pygit2.init_repository(self.path, bare=True)
+
+    @property
+    def repo(self) -> pygit2.Repository:
+        with self._lock:
+            return self.repo_unlocked()
+
+    def repo_unlocked(self) -> pygit2.Repository:
+        if self._repo is None:
+            try:
+                self._repo = pygit2.Repository(self.path)
+            except pygit2.GitError as exc:
+                raise SourceError(f"no mirror of {self.url} at {self.path}: {exc}") from exc
+        return self._repo
+
+    def refs(self) -> dict[str, str]:
+        """Branch and tag names (without `refs/heads/`, `refs/tags/`) to commit shas."""
+        with self._lock:
+            repo, found = self.repo_unlocked(), {}
+            for prefix in ("refs/heads/", "refs/tags/"):
+                for name in repo.references:
+                    if not name.startswith(prefix):
+                        continue
+                    commit = _peel_commit(repo, repo.references[name].target)
+                    if commit is not None:
+                        # Tags win over branches of the same name, as in `git rev-parse`.
+                        found[name[len(prefix):]] = str(commit.id)
+            return found
+
+    def default_branch(self) -> str | None:
+        with self._lock:
+            try:
+                target = self.repo_unlocked().references["HEAD"].target
+            except (KeyError, pygit2.GitError):
+                return None
+            if isinstance(target, str) and target.startswith("refs/heads/"):
+                return target[len("refs/heads/"):]
+            return None
+
+    def resolve(self, revision: str) -> str:
+        """The commit sha a branch, tag, full sha or unique sha prefix (7+ hex digits) names."""
+        with self._lock:
+            repo = self.repo
+            candidates = [f"refs/tags/{revision}", f"refs/heads/{revision}"]
+            if revision == "HEAD":
+                candidates.insert(0, "HEAD")
+            for name in candidates:
+                try:
+                    commit = _peel_commit(repo, repo.references[name].resolve().target)
+                except (KeyError, pygit2.GitError, ValueError):
+                    continue
+                if commit is not None:
+                    return str(commit.id)
+            if _HEX.match(revision):
+                return self.find_commit(revision)
+            raise RevisionNotFound(f"unknown revision '{revision}' in {self.url}")
+
+    def find_commit(self, hex_prefix: str) -> str:
+        """The commit a full sha or a unique prefix of 7+ hex digits names."""
+        commit = None
+        if _HEX.match(hex_prefix):
+            with self._lock:
+                try:
+                    commit = _peel_commit(self.repo_unlocked(), self._repo.revparse_single(hex_prefix.lower()).id)
+                except (KeyError, pygit2.GitError, ValueError):
+                    commit = None
+        if commit is None:
+            raise RevisionNotFound(f"unknown revision '{hex_prefix}' in {self.url}")
+        return str(commit.id)
+
+    def commit_time(self, commit_sha: str) -> int:
+        with self._lock:
+            return self.repo_unlocked()[commit_sha].commit_time
+
+    def walk(self, commit_sha: str) -> list[TreeItem]:
+        """Every entry of the commit's tree, parents before children."""
+        with self._lock:
+            return list(self._walk(self.repo_unlocked(), commit_sha))
+
+    @staticmethod
+    def _walk(repo: pygit2.Repository, commit_sha: str) -> Iterator[TreeItem]:
+        stack = [("", repo[commit_sha].tree)]
+        while stack:
+            prefix, tree = stack.pop()
+            for entry in tree:
+                path = prefix + entry.name
+                if entry.filemode == pygit2.enums.FileMode.TREE:
+                    yield TreeItem(path, "dir", None)
+                    stack.append((path + "/", repo[entry.id]))
+                elif entry.filemode == MODE_GITLINK:
+                    yield TreeItem(path, "dir", None)
+                elif entry.filemode == MODE_LINK:
+                    yield TreeItem(path, "link", str(entry.id))
+                else:
+                    yield TreeItem(path, "file", str(entry.id), entry.filemode == MODE_EXEC)
+
+    def read_blob(self, blob_id: str) -> bytes:
+        # One libgit2 repository is not safe for concurrent use: FUSE threads take turns.
+        with self._lock:
+            return self.repo_unlocked()[blob_id].data
+
+    def blob_size(self, blob_id: str) -> int:
+        with self._lock:
+            return self.repo_unlocked()[blob_id].size
+
+
+class _Credentials(pygit2.RemoteCallbacks):
+    """SSH through the user's agent, then their default key files; HTTPS anonymously."""
+
+    def __init__(self):
+        super().__init__()
+        self._tried: set[str] = set()
+
+    def credentials(self, url, username_from_url, allowed_types):
+        user = username_from_url or "git"
+        if allowed_types & pygit2.enums.CredentialType.SSH_KEY:
+            if "agent" not in self._tried and os.environ.get("SSH_AUTH_SOCK"):
+                self._tried.add("agent")
+                return pygit2.KeypairFromAgent(user)
+            for name in ("id_ed25519", "id_ecdsa", "id_rsa"):
+                key = os.path.expanduser(f"~/.ssh/{name}")
+                if key not in self._tried and os.path.exists(key):
+                    self._tried.add(key)
+                    return pygit2.Keypair(user, key + ".pub", key, "")
+        raise pygit2.GitError(f"no usable credentials for {url}")
+
+
+def _peel_commit(repo, oid):
+    try:
+        obj = repo[oid]
+        return obj.peel(pygit2.Commit)
+    except (KeyError, ValueError, pygit2.GitError, pygit2.InvalidSpecError):
+        return None
+
+
+def _mirror_name(url: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", url.rstrip("/").rsplit("/", 1)[-1])[:40] or "registry"
+    return f"{stem}-{hashlib.sha256(url.encode()).hexdigest()[:16]}.git"
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

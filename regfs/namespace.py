@@ -1,0 +1,193 @@
+"""What a mount shows: the ref symlinks and `@<sha>` trees of a registry, or one pinned commit.
+
+    MOUNT/main -> @3f2a...      one symlink per branch and tag, `HEAD` for the default branch;
+    MOUNT/feature/x -> ../@..   refs with '/' become directories holding the symlink
+    MOUNT/@<sha>/...            any commit by full sha or unique 7+ hex prefix, resolved on lookup
+
+Only the ref symlinks change (on `refresh`); everything below `@<sha>` is immutable. The view
+answers in core terms (`Attr`, names, `FileReader`) and raises `RegfsError`s; the FUSE adapter
+translates.
+"""
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from regfs.errors import IsADirectory, NotADirectory, PathNotFound, RegfsError
+from regfs.registry import Registry
+from regfs.tree import BlobNode, DirNode, ImportedFileNode, LinkNode, Node, ObjectNode, lookup
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Attr:
+    kind: str  # "file", "dir", "link"
+    size: int
+    is_exec: bool
+    mtime: int
+
+
+class MountView:
+    def __init__(self, registry: Registry, pinned_sha: str | None = None):
+        self.registry = registry
+        self.pinned_sha = pinned_sha
+        self._refs_root = DirNode()
+        self._refs_time = int(time.time())
+        self._lock = threading.Lock()
+        if pinned_sha is None:
+            self._rebuild_refs()
+
+    def refresh(self) -> None:
+        """Fetch the registry and point the ref symlinks at the new commits."""
+        self.registry.update()
+        if self.pinned_sha is None:
+            self._rebuild_refs()
+
+    def _rebuild_refs(self) -> None:
+        refs = self.registry.mirror.refs()
+        default = self.registry.mirror.default_branch()
+        if default in refs:
+            refs["HEAD"] = refs[default]
+        root = DirNode()
+        for name, commit_sha in sorted(refs.items()):
+            _add_ref(root, name, commit_sha)
+        with self._lock:
+            self._refs_root, self._refs_time = root, int(time.time())
+
+    def resolve(self, path: str) -> tuple[Node, int]:
+        """The node at `path` (relative to the mount root) and its mtime."""
+        path = path.strip("/")
+        if self.pinned_sha is not None:
+            return self._in_commit(self.pinned_sha, path)
+        first, _, rest = path.partition("/")
+        if first.startswith("@"):
+            try:
+                commit_sha = self.registry.mirror.find_commit(first[1:])
+            except RegfsError as exc:
+                raise PathNotFound(f"no commit {first[1:]!r}") from exc
+            return self._in_commit(commit_sha, rest)
+        with self._lock:
+            root, mtime = self._refs_root, self._refs_time
+        return lookup(root, path), mtime
+
+    def _in_commit(self, commit_sha: str, path: str) -> tuple[Node, int]:
+        snapshot = self.registry.tree(commit_sha)
+        return lookup(snapshot.root, path), snapshot.commit_time
+
+    def attr(self, path: str) -> Attr:
+        node, mtime = self.resolve(path)
+        return attr_of(node, mtime)
+
+    def listdir(self, path: str) -> list[str]:
+        node, _ = self.resolve(path)
+        if not isinstance(node, DirNode):
+            raise NotADirectory(f"not a directory: {path}")
+        return sorted(node.children())
+
+    def readlink(self, path: str) -> str:
+        node, _ = self.resolve(path)
+        if not isinstance(node, LinkNode):
+            raise PathNotFound(f"not a symlink: {path}")
+        return node.target
+
+    def open(self, path: str) -> "FileReader":
+        node, _ = self.resolve(path)
+        return open_reader(node)
+
+
+def attr_of(node: Node, mtime: int) -> Attr:
+    return Attr(node.kind, 0 if isinstance(node, DirNode) else node.size, node.is_exec, mtime)
+
+
+def _add_ref(root: DirNode, name: str, commit_sha: str) -> None:
+    parts = name.split("/")
+    if any(part in ("", ".", "..") or part.startswith("@") for part in parts):
+        logger.warning("not showing ref %r: its name cannot be a path in the mount", name)
+        return
+    node = root
+    for part in parts[:-1]:
+        child = node.children().setdefault(part, DirNode())
+        if not isinstance(child, DirNode):
+            logger.warning("not showing ref %r: %r is also a ref", name, part)
+            return
+        node = child
+    if parts[-1] in node.children():
+        logger.warning("not showing ref %r: another ref uses that path", name)
+        return
+    node.children()[parts[-1]] = LinkNode("../" * (len(parts) - 1) + "@" + commit_sha)
+
+
+class FileReader:
+    """Reads of one open file."""
+
+    def read(self, size: int, offset: int) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class BytesReader(FileReader):
+    def __init__(self, data: bytes):
+        self._data = data
+
+    def read(self, size: int, offset: int) -> bytes:
+        return self._data[offset:offset + size]
+
+
+class ObjectReader(FileReader):
+    """Reads a cached object with pread; the object is fetched on the first read, not at open."""
+
+    def __init__(self, node: ObjectNode):
+        self._node = node
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def _descriptor(self) -> int:
+        with self._lock:
+            if self._fd is None:
+                path = self._node.store.path(self._node.ref)
+                self._fd = os.open(path, os.O_RDONLY)
+            return self._fd
+
+    def read(self, size: int, offset: int) -> bytes:
+        return os.pread(self._descriptor(), size, offset)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+class LazyReader(FileReader):
+    """Opens its real reader on first read (imports resolve their source only when read)."""
+
+    def __init__(self, opener):
+        self._opener, self._reader, self._lock = opener, None, threading.Lock()
+
+    def read(self, size: int, offset: int) -> bytes:
+        with self._lock:
+            if self._reader is None:
+                self._reader = self._opener()
+        return self._reader.read(size, offset)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+def open_reader(node: Node) -> FileReader:
+    if isinstance(node, DirNode):
+        raise IsADirectory("is a directory")
+    if isinstance(node, BlobNode):
+        return BytesReader(node.data())
+    if isinstance(node, ObjectNode):
+        return ObjectReader(node)
+    if isinstance(node, ImportedFileNode):
+        return LazyReader(lambda: open_reader(node.target()))
+    raise PathNotFound("not a regular file")
+

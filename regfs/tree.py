@@ -1,0 +1,230 @@
+"""The tree of one commit: its Git files with every DVC output laid over them.
+
+A commit's tree is what `git checkout REV && dvc pull` leaves in a workspace, minus `.git/` and
+`.dvc/`. Git entries come from the commit; outputs of `.dvc` files and `dvc.lock` files replace or
+add entries at their paths (`cache: false` outputs keep their Git bytes). Directory outputs and
+imports are lazy nodes, expanded from their manifest or their source registry on first use, so
+building a tree reads no object. Nodes are immutable once built, because commits are.
+"""
+
+import logging
+import os
+import posixpath
+import threading
+from collections.abc import Callable, Iterable
+
+from regfs.cache import ObjectRef
+from regfs.dvcmeta import DirEntry, Output, Parsed, parse_dvc_file, parse_pipeline
+from regfs.errors import MetafileError, NotADirectory, PathNotFound, RegfsError
+from regfs.git import TreeItem
+
+logger = logging.getLogger(__name__)
+
+
+class Node:
+    kind = "file"
+    is_exec = False
+
+    @property
+    def size(self) -> int:
+        return 0
+
+
+class DirNode(Node):
+    kind = "dir"
+
+    def __init__(self, children: dict[str, Node] | None = None):
+        self._children = {} if children is None else children
+
+    def children(self) -> dict[str, Node]:
+        return self._children
+
+
+class LazyDirNode(DirNode):
+    """A directory whose entries are loaded on first use; a failed load is retried next time."""
+
+    def __init__(self, load: Callable[[], dict[str, Node]], what: str):
+        super().__init__(None)
+        self._children = None
+        self._load = load
+        self._lock = threading.Lock()
+        self.what = what
+
+    def children(self) -> dict[str, Node]:
+        with self._lock:
+            if self._children is None:
+                self._children = self._load()
+            return self._children
+
+
+class LinkNode(Node):
+    kind = "link"
+
+    def __init__(self, target: str):
+        self.target = target
+
+    @property
+    def size(self) -> int:
+        return len(os.fsencode(self.target))
+
+
+class BlobNode(Node):
+    """A file whose bytes are in Git."""
+
+    def __init__(self, read_blob: Callable[[str], bytes], blob_size: Callable[[str], int],
+                 blob_id: str, is_exec: bool):
+        self._read_blob, self._blob_size = read_blob, blob_size
+        self.blob_id, self.is_exec = blob_id, is_exec
+
+    @property
+    def size(self) -> int:
+        return self._blob_size(self.blob_id)
+
+    def data(self) -> bytes:
+        return self._read_blob(self.blob_id)
+
+
+class ObjectNode(Node):
+    """A file whose bytes are a content-addressed object on a remote (`store`)."""
+
+    def __init__(self, ref: ObjectRef, store, size: int | None, is_exec: bool):
+        self.ref, self.store, self._size, self.is_exec = ref, store, size, is_exec
+
+    @property
+    def size(self) -> int:
+        if self._size is None:
+            # Only old metafiles lack sizes; the store asks the index, the cache, then the remote.
+            self._size = self.store.sizes([self.ref]).get(self.ref)
+        if self._size is None:
+            raise RegfsError(f"size of object {self.ref.object_id} is unknown: it is missing from "
+                             f"{self.store.label}")
+        return self._size
+
+
+class ImportedFileNode(Node):
+    """A `dvc import` file output: its bytes are those of a path in another registry."""
+
+    def __init__(self, resolve: Callable[[], Node], size: int | None, is_exec: bool):
+        self._resolve, self._size, self.is_exec = resolve, size, is_exec
+        self._target: Node | None = None
+        self._lock = threading.Lock()
+
+    def target(self) -> Node:
+        with self._lock:
+            if self._target is None:
+                self._target = self._resolve()
+            return self._target
+
+    @property
+    def size(self) -> int:
+        return self._size if self._size is not None else self.target().size
+
+
+def lookup(root: Node, path: str) -> Node:
+    """The node at `path` (POSIX, relative to `root`; "" is the root)."""
+    node = root
+    for name in path.split("/") if path else ():
+        if not isinstance(node, DirNode):
+            raise NotADirectory(f"not a directory: {path}")
+        child = node.children().get(name)
+        if child is None:
+            raise PathNotFound(f"no such file or directory: {path}")
+        node = child
+    return node
+
+
+def manifest_children(entries: list[DirEntry], file_node: Callable[[DirEntry], Node]) -> dict[str, Node]:
+    """Nested directory nodes for the entries of a `.dir` manifest (already validated)."""
+    root = DirNode()
+    for entry in entries:
+        *parents, name = entry.relpath.split("/")
+        node = root
+        for part in parents:
+            node = node.children().setdefault(part, DirNode())
+        node.children()[name] = file_node(entry)
+    return root.children()
+
+
+class TreeBuilder:
+    """Builds the root node of a commit from its Git items and an `output_node` factory."""
+
+    def __init__(self, items: Iterable[TreeItem], read_blob: Callable[[str], bytes],
+                 blob_size: Callable[[str], int], output_node: Callable[[Output], Node | None]):
+        self._read_blob, self._blob_size, self._output_node = read_blob, blob_size, output_node
+        self.root = DirNode()
+        self._metafiles: dict[str, str] = {}  # path -> blob id
+        self._subrepos: list[str] = []
+        self._add_git_items(items)
+
+    def build(self) -> DirNode:
+        outputs = sorted(self._outputs(), key=lambda output: output.path)
+        for output in outputs:
+            if output.cache:
+                self._overlay(output)
+        return self.root
+
+    def _add_git_items(self, items: Iterable[TreeItem]) -> None:
+        dirs: dict[str, DirNode] = {"": self.root}
+        for item in items:
+            parent_path, name = posixpath.split(item.path)
+            parent = dirs.get(parent_path)
+            if parent is None or item.path == ".dvc":  # inside .dvc/, or .dvc/ itself
+                continue
+            if name == ".dvc" and item.kind == "dir":
+                self._subrepos.append(parent_path + "/")
+            if item.kind == "dir":
+                dirs[item.path] = parent.children()[name] = DirNode()
+            elif item.kind == "link":
+                parent.children()[name] = LinkNode(os.fsdecode(self._read_blob(item.blob_id)))
+            else:
+                parent.children()[name] = BlobNode(self._read_blob, self._blob_size, item.blob_id,
+                                                   item.is_exec)
+                if name.endswith(".dvc") or name == "dvc.lock":
+                    self._metafiles[item.path] = item.blob_id
+
+    def _outputs(self) -> list[Output]:
+        outputs = []
+        for path, blob_id in sorted(self._metafiles.items()):
+            if any(path.startswith(subrepo) for subrepo in self._subrepos):
+                continue  # a sub-repository's outputs belong to its own `dvc pull`
+            try:
+                parsed = self._parse(path, blob_id)
+            except MetafileError as exc:
+                logger.warning("skipping outputs of %s: %s", path, exc)
+                continue
+            for what, reason in parsed.skipped:
+                logger.warning("skipping output %s: %s", what, reason)
+            outputs.extend(parsed.outputs)
+        return outputs
+
+    def _parse(self, path: str, blob_id: str) -> Parsed:
+        text = self._read_blob(blob_id)
+        if path.endswith(".dvc"):
+            return parse_dvc_file(text, path)
+        spec_path = posixpath.join(posixpath.dirname(path), "dvc.yaml")
+        spec = lookup_optional(self.root, spec_path)
+        spec_text = spec.data() if isinstance(spec, BlobNode) else None
+        return parse_pipeline(spec_text, text, path)
+
+    def _overlay(self, output: Output) -> None:
+        *parents, name = output.path.split("/")
+        node = self.root
+        for part in parents:
+            child = node.children().get(part)
+            if child is None:
+                child = node.children()[part] = DirNode()
+            elif type(child) is not DirNode:
+                logger.warning("skipping output %s (%s): it overlaps %s", output.path, output.metafile,
+                               "another output" if isinstance(child, LazyDirNode) else "a file")
+                return
+            node = child
+        output_node = self._output_node(output)
+        if output_node is not None:
+            node.children()[name] = output_node
+
+
+def lookup_optional(root: Node, path: str) -> Node | None:
+    try:
+        return lookup(root, path)
+    except (PathNotFound, NotADirectory):
+        return None
