@@ -103,17 +103,18 @@ def serve(options: MountOptions, ready_fd: int | None = None) -> int:
     try:
         with open(pid_path, "w") as file:
             file.write(str(os.getpid()))
-        fuse.mount(view, options.mountpoint, f"regfs:{options.address.url}", on_ready=report.ready,
+        fuse.mount(view, options.mountpoint, f"regfs:{registry.url}", on_ready=report.ready,
                    debug=options.debug)
     except RuntimeError as exc:
-        logger.error("mount of %s failed: %s", options.mountpoint, exc)
-        report.failed(f"cannot mount {options.mountpoint} (see {options.log_file or 'the log'})")
-        return 1
+        # libfuse returns non-zero both when it cannot mount and when a signal ended its loop
+        # (after unmounting); only the first is a failure.
+        if not report.was_ready:
+            logger.error("libfuse could not mount %s (status %s)", options.mountpoint, exc)
     finally:
         stop.set()
         _remove(pid_path)
     if not report.was_ready:
-        report.failed(f"libfuse could not mount {options.mountpoint}; see the log for its reason")
+        report.failed(f"libfuse could not mount {options.mountpoint}; see the daemon log for its reason")
         return 1
     logger.info("unmounted %s", options.mountpoint)
     return 0

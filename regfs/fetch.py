@@ -14,6 +14,7 @@ from cachetools import LRUCache
 
 from regfs.cache import ObjectCache, ObjectRef
 from regfs.dvcmeta import DirEntry, parse_dir_manifest
+from regfs.errors import IntegrityError
 from regfs.remotes import Remote
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,10 @@ class Fetcher:
         if path is not None:
             return path
         logger.debug("downloading %s from %s", ref.object_id, remote.describe())
-        return self.cache.install(ref, fill)
+        try:
+            return self.cache.install(ref, fill)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{exc} (downloaded from {remote.describe()}); nothing was cached") from exc
 
     def manifest(self, ref: ObjectRef, remote_of: Callable[[], Remote]) -> list[DirEntry]:
         with self._manifest_lock:

@@ -34,7 +34,8 @@ def _translated(operation: Callable) -> Callable:
         try:
             return operation(self, path, *args)
         except RegfsError as exc:
-            if exc.errno == errno.EIO:
+            if exc.errno == errno.EIO and not getattr(exc, "reported", False):
+                exc.reported = True  # one log line per failure, however often the kernel retries
                 logger.error("%s %s: %s", operation.__name__, path, exc)
             raise mfusepy.FuseOSError(exc.errno) from exc
         except OSError as exc:

@@ -144,13 +144,19 @@ class ObjectReader(FileReader):
     def __init__(self, node: ObjectNode):
         self._node = node
         self._fd: int | None = None
+        self._error: RegfsError | None = None
         self._lock = threading.Lock()
 
     def _descriptor(self) -> int:
         with self._lock:
+            if self._error is not None:
+                raise self._error  # the kernel retries failed reads: fail them alike, fetch once
             if self._fd is None:
-                path = self._node.store.path(self._node.ref)
-                self._fd = os.open(path, os.O_RDONLY)
+                try:
+                    self._fd = os.open(self._node.store.path(self._node.ref), os.O_RDONLY)
+                except RegfsError as exc:
+                    self._error = exc
+                    raise
             return self._fd
 
     def read(self, size: int, offset: int) -> bytes:
