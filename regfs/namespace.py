@@ -36,6 +36,7 @@ class MountView:
         self.pinned_sha = pinned_sha
         self._refs_root = DirNode()
         self._refs_time = int(time.time())
+        self._commits: dict[str, str] = {}  # `@<sha or prefix>` names already resolved
         self._lock = threading.Lock()
         if pinned_sha is None:
             self._rebuild_refs()
@@ -64,14 +65,23 @@ class MountView:
             return self._in_commit(self.pinned_sha, path)
         first, _, rest = path.partition("/")
         if first.startswith("@"):
-            try:
-                commit_sha = self.registry.mirror.find_commit(first[1:])
-            except RegfsError as exc:
-                raise PathNotFound(f"no commit {first[1:]!r}") from exc
-            return self._in_commit(commit_sha, rest)
+            return self._in_commit(self._commit(first[1:]), rest)
         with self._lock:
             root, mtime = self._refs_root, self._refs_time
         return lookup(root, path), mtime
+
+    def _commit(self, name: str) -> str:
+        commit_sha = self._commits.get(name)
+        if commit_sha is None:
+            try:
+                commit_sha = self.registry.mirror.find_commit(name)
+            except RegfsError as exc:
+                raise PathNotFound(f"no commit {name!r}") from exc
+            with self._lock:
+                if len(self._commits) > 4096:
+                    self._commits.clear()
+                self._commits[name] = commit_sha
+        return commit_sha
 
     def _in_commit(self, commit_sha: str, path: str) -> tuple[Node, int]:
         snapshot = self.registry.tree(commit_sha)

@@ -153,7 +153,8 @@ class Registry:
         try:
             entries = store.manifest(ref)
         except MetafileError as exc:
-            logger.error("cannot list output %s of %s: %s", path, self.url, exc)
+            logger.error("skipping output %s of %s: %s", path, self.url, exc)
+            exc.reported = True
             raise
         refs = {entry.relpath: ObjectRef(entry.object_id, ref.hash_name) for entry in entries}
         unknown = [refs[entry.relpath] for entry in entries if entry.size is None]

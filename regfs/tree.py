@@ -41,19 +41,30 @@ class DirNode(Node):
 
 
 class LazyDirNode(DirNode):
-    """A directory whose entries are loaded on first use; a failed load is retried next time."""
+    """A directory whose entries are loaded on first use.
+
+    A load that failed because the content is bad (MetafileError: the manifest is content
+    addressed, so it stays bad) fails the same way forever; other failures are retried.
+    """
 
     def __init__(self, load: Callable[[], dict[str, Node]], what: str):
         super().__init__(None)
         self._children = None
         self._load = load
+        self._error: MetafileError | None = None
         self._lock = threading.Lock()
         self.what = what
 
     def children(self) -> dict[str, Node]:
         with self._lock:
+            if self._error is not None:
+                raise self._error
             if self._children is None:
-                self._children = self._load()
+                try:
+                    self._children = self._load()
+                except MetafileError as exc:
+                    self._error = exc
+                    raise
             return self._children
 
 
