@@ -8,6 +8,7 @@ unmount; nothing is left behind.
 """
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -84,6 +85,7 @@ def serve(options: MountOptions, ready_fd: int | None = None) -> int:
     report = _Readiness(ready_fd)
     try:
         check_mountpoint(options.mountpoint)
+        _hold_pid_file(options.mountpoint)
         context = Context(options.cache_dir)
         registry = Registry(options.address.url, context,
                             overrides(options.remote, options.remote_config))
@@ -99,10 +101,7 @@ def serve(options: MountOptions, ready_fd: int | None = None) -> int:
     if pinned is None and options.refresh > 0:
         threading.Thread(target=_refresh_loop, args=(view, options.refresh, stop), daemon=True,
                          name="regfs-refresh").start()
-    pid_path = pid_file(options.mountpoint)
     try:
-        with open(pid_path, "w") as file:
-            file.write(str(os.getpid()))
         fuse.mount(view, options.mountpoint, f"regfs:{registry.url}", on_ready=report.ready,
                    debug=options.debug)
     except RuntimeError as exc:
@@ -112,7 +111,6 @@ def serve(options: MountOptions, ready_fd: int | None = None) -> int:
             logger.error("libfuse could not mount %s (status %s)", options.mountpoint, exc)
     finally:
         stop.set()
-        _remove(pid_path)
     if not report.was_ready:
         report.failed(f"libfuse could not mount {options.mountpoint}; see the daemon log for its reason")
         return 1
@@ -150,25 +148,48 @@ def spawn(argv: list[str], options: MountOptions) -> int:
     raise RegfsError(f"the daemon exited (status {status}) before the mount was ready; see {log_file}")
 
 
+_pid_fds: list[int] = []  # held open, and flock-ed, until this process exits
+
+
+def _hold_pid_file(mountpoint: str) -> None:
+    """Record our pid and hold an flock on it for the life of the process.
+
+    The kernel drops the lock only when the process is gone, which is what `regfs umount` waits
+    for; a pid alone could be reused, and a file removed on the way out comes before the exit.
+    """
+    fd = os.open(pid_file(mountpoint), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"mountpoint {mountpoint} is busy: another regfs daemon serves it") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _pid_fds.append(fd)
+
+
 def wait_for_exit(mountpoint: str, timeout: float = 30.0) -> None:
     """After an unmount, wait for the daemon that served `mountpoint` to exit."""
     path = pid_file(mountpoint)
     try:
-        with open(path) as file:
-            pid = int(file.read().strip() or 0)
-    except (FileNotFoundError, ValueError):
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
         return
-    deadline = time.monotonic() + timeout
-    while pid and time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        if pid:
-            raise RegfsError(f"the daemon (pid {pid}) of {mountpoint} did not exit after unmount")
-    _remove(path)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                    raise RegfsError(f"the daemon (pid {pid}) of {mountpoint} did not exit after unmount") \
+                        from None
+                time.sleep(0.02)
+        _remove(path)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: str) -> None:

@@ -7,7 +7,9 @@ with an error that names the object and the remote.
 """
 
 import logging
+import os
 import threading
+import time
 from collections.abc import Callable
 
 from cachetools import LRUCache
@@ -29,18 +31,24 @@ class Fetcher:
         self._manifest_lock = threading.Lock()
 
     def fetch(self, ref: ObjectRef, remote: Remote) -> str:
+        downloads = []
+
         def fill(writer) -> None:
+            downloads.append(time.monotonic())
             for chunk in remote.stream(ref.relpath):
                 writer.write(chunk)
 
         path = self.cache.find(ref)
         if path is not None:
             return path
-        logger.debug("downloading %s from %s", ref.object_id, remote.describe())
         try:
-            return self.cache.install(ref, fill)
+            path = self.cache.install(ref, fill)
         except IntegrityError as exc:
             raise IntegrityError(f"{exc} (downloaded from {remote.describe()}); nothing was cached") from exc
+        if downloads:  # not when another thread or process downloaded it while we waited
+            logger.info("fetched %s (%d bytes) from %s in %.2fs", ref.object_id, os.path.getsize(path),
+                        remote.describe(), time.monotonic() - downloads[0])
+        return path
 
     def manifest(self, ref: ObjectRef, remote_of: Callable[[], Remote]) -> list[DirEntry]:
         with self._manifest_lock:
