@@ -33,7 +33,7 @@ def is_local_url(url: str) -> bool:
 
 def local_path(url: str) -> str:
     """The filesystem path of a local URL (a plain path or `file://`)."""
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = url.removeprefix("file://")
     return os.path.abspath(os.path.expanduser(path))
 
 

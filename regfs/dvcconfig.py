@@ -131,7 +131,7 @@ def _absolutize(config: Config, base_dir: str) -> None:
     for options in config.remotes.values():
         url = options.get("url")
         if isinstance(url, str) and is_local_path(url) and not url.startswith("remote://"):
-            path = url[len("file://"):] if url.startswith("file://") else url
+            path = url.removeprefix("file://")
             options["url"] = os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
         for key in _PATH_OPTIONS:
             if isinstance(options.get(key), str):

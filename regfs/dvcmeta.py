@@ -221,7 +221,7 @@ def _output(raw, metafile, base, wdir, flags, import_source) -> Output:
     if not isinstance(wdir, str):
         raise MetafileError(f"bad wdir {wdir!r}")
     path = posixpath.normpath(posixpath.join(base, wdir, declared))
-    if path == "." or path == ".." or path.startswith("../") or path.startswith("/") or "\0" in path:
+    if path == "." or path == ".." or path.startswith(("../", "/")) or "\x00" in path:
         raise MetafileError(f"output path {declared!r} leaves the registry")
     if path.split("/")[0] in (".git", ".dvc"):
         raise MetafileError(f"output path {declared!r} is inside .git/ or .dvc/")

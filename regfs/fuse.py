@@ -18,10 +18,10 @@ from collections.abc import Callable
 # mfusepy loads libfuse2 when both are installed unless told otherwise; libfuse2 caps reads at
 # 128 KiB and lacks the libfuse3 config. Our packages and docs install fuse3.
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
-import mfusepy  # noqa: E402
+import mfusepy
 
-from regfs.errors import ReadOnly, RegfsError  # noqa: E402
-from regfs.namespace import Attr, FileReader, MountView  # noqa: E402
+from regfs.errors import ReadOnly, RegfsError
+from regfs.namespace import Attr, FileReader, MountView
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,6 @@
 
 from regfs.address import Address
 from regfs.dvcconfig import Config
-
 from regfs.namespace import MountView, attr_of
 from regfs.registry import Context, Registry
 from regfs.tree import BlobNode, DirNode, LazyDirNode, LinkNode, Node

@@ -23,8 +23,16 @@ from regfs.errors import ConfigError, IntegrityError, MetafileError, RevisionNot
 from regfs.fetch import Fetcher, ObjectStore
 from regfs.git import Mirror
 from regfs.remotes import Remote, open_remote
-from regfs.tree import (DirNode, ImportedFileNode, LazyDirNode, Node, ObjectNode, TreeBuilder, lookup_optional,
-                        manifest_children)
+from regfs.tree import (
+    DirNode,
+    ImportedFileNode,
+    LazyDirNode,
+    Node,
+    ObjectNode,
+    TreeBuilder,
+    lookup_optional,
+    manifest_children,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +53,7 @@ class Context:
         for level in user_levels():
             self.user_config = self.user_config.merged(level)
         self._remotes: dict[tuple, Remote] = {}
-        self._registries: dict[tuple, "Registry"] = {}
+        self._registries: dict[tuple, Registry] = {}
         self._lock = threading.Lock()
 
     def remote(self, spec: RemoteSpec) -> Remote:

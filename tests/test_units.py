@@ -129,8 +129,8 @@ def test_hostile_manifest_relpaths_are_rejected(relpath):
 
 
 @pytest.mark.parametrize("data", [b"{", b"{}", b'[{"relpath": "a"}]', b'["a"]',
-                                  b'[{"md5": "d41d8cd98f00b204e9800998ecf8427e", "relpath": "a"},'
-                                  b' {"md5": "d41d8cd98f00b204e9800998ecf8427e", "relpath": "a/b"}]'])
+                                  (b'[{"md5": "d41d8cd98f00b204e9800998ecf8427e", "relpath": "a"},'
+                                  b' {"md5": "d41d8cd98f00b204e9800998ecf8427e", "relpath": "a/b"}]')])
 def test_malformed_manifests_are_rejected(data):
     with pytest.raises(MetafileError):
         parse_dir_manifest(data, "m")
