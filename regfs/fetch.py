@@ -16,7 +16,7 @@ from cachetools import LRUCache
 
 from regfs.cache import ObjectCache, ObjectRef
 from regfs.dvcmeta import DirEntry, parse_dir_manifest
-from regfs.errors import IntegrityError
+from regfs.errors import IntegrityError, RemoteError
 from regfs.remotes import Remote
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ class Fetcher:
             path = self.cache.install(ref, fill)
         except IntegrityError as exc:
             raise IntegrityError(f"{exc} (downloaded from {remote.describe()}); nothing was cached") from exc
+        except RemoteError as exc:
+            raise type(exc)(f"cannot fetch object {ref.object_id}: {exc}") from exc
         if downloads:  # not when another thread or process downloaded it while we waited
             logger.info("fetched %s (%d bytes) from %s in %.2fs", ref.object_id, os.path.getsize(path),
                         remote.describe(), time.monotonic() - downloads[0])

@@ -19,7 +19,7 @@ def list_entries(address: Address, path: str, cache_dir: str, recursive: bool = 
         return [_entry(path.rsplit("/", 1)[-1], node, mtime, is_output=not _is_git(node))]
     entries: list[dict] = []
     _collect(node, "", mtime, recursive, entries, in_output=isinstance(node, LazyDirNode))
-    return entries
+    return sorted(entries, key=lambda entry: entry["path"])  # whole-path order, as `dvc list -R`
 
 
 def _collect(directory: DirNode, prefix: str, mtime: int, recursive: bool, entries: list[dict],

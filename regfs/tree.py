@@ -13,6 +13,8 @@ import posixpath
 import threading
 from collections.abc import Callable, Iterable
 
+import pathspec
+
 from regfs.cache import ObjectRef
 from regfs.dvcmeta import DirEntry, Output, Parsed, parse_dvc_file, parse_pipeline
 from regfs.errors import MetafileError, NotADirectory, PathNotFound, RegfsError
@@ -164,6 +166,7 @@ class TreeBuilder:
         self._read_blob, self._blob_size, self._output_node = read_blob, blob_size, output_node
         self.root = DirNode()
         self._metafiles: dict[str, str] = {}  # path -> blob id
+        self._dvcignores: dict[str, str] = {}  # directory ("" or "a/b/") -> blob id
         self._subrepos: list[str] = []
         self._add_git_items(items)
 
@@ -192,12 +195,18 @@ class TreeBuilder:
                                                    item.is_exec)
                 if name.endswith(".dvc") or name == "dvc.lock":
                     self._metafiles[item.path] = item.blob_id
+                elif name == ".dvcignore":
+                    self._dvcignores[parent_path + "/" if parent_path else ""] = item.blob_id
 
     def _outputs(self) -> list[Output]:
         outputs = []
+        ignores = DvcIgnore({directory: self._read_blob(blob_id) for directory, blob_id in self._dvcignores.items()})
         for path, blob_id in sorted(self._metafiles.items()):
             if any(path.startswith(subrepo) for subrepo in self._subrepos):
                 continue  # a sub-repository's outputs belong to its own `dvc pull`
+            if ignores.is_ignored(path):
+                logger.debug("not collecting %s: .dvcignore excludes it", path)
+                continue
             try:
                 parsed = self._parse(path, blob_id)
             except MetafileError as exc:
@@ -232,6 +241,21 @@ class TreeBuilder:
         output_node = self._output_node(output)
         if output_node is not None:
             node.children()[name] = output_node
+
+
+class DvcIgnore:
+    """`.dvcignore` files (gitignore syntax, one per directory, applying below it), as DVC reads
+    them to decide which metafiles it collects."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self._specs = []
+        for directory, text in sorted(files.items()):
+            lines = text.decode("utf-8", "replace").splitlines()
+            self._specs.append((directory, pathspec.GitIgnoreSpec.from_lines(lines)))
+
+    def is_ignored(self, path: str) -> bool:
+        return any(path.startswith(directory) and spec.match_file(path[len(directory):])
+                   for directory, spec in self._specs)
 
 
 def lookup_optional(root: Node, path: str) -> Node | None:
