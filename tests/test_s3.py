@@ -1,0 +1,64 @@
+"""A registry whose default remote is S3 (a moto server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from tests.registry import Registry, random_bytes
+from tests.trees import assert_same_tree, snapshot
+
+BUCKET = "registry-bucket"
+DEAD_ENDPOINT = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused
+
+
+@dataclass
+class S3Registry:
+    registry: Registry
+    endpoint_url: str
+
+
+@pytest.fixture(scope="module")
+def s3_registry(tools, s3_server, tmp_path_factory) -> S3Registry:
+    """main: remote `s3://registry-bucket/prefix` with the right `endpointurl` in Git;
+    branch wrong-endpoint: the same data, but the config in Git names a dead endpoint."""
+    s3_server.create_bucket(BUCKET)
+    registry = Registry.create(tools, tmp_path_factory.mktemp("s3") / "registry",
+                               remotes={"s3store": f"s3://{BUCKET}/prefix"}, default_remote="s3store")
+    registry.dvc("remote", "modify", "s3store", "endpointurl", s3_server.endpoint_url)
+    registry.write("plain.txt", "stored in S3\n")
+    registry.write("tool.sh", "#!/bin/sh\necho s3\n", executable=True)
+    registry.write("blobs/one.bin", random_bytes(21, 70_000))
+    registry.write("blobs/nested/two.txt", "two\n")
+    registry.write("blobs/nested/ééé.txt", "accents\n")
+    registry.write("big.bin", random_bytes(22, 2 * 1024 * 1024 + 3))
+    registry.add("plain.txt", "tool.sh", "blobs", "big.bin")
+    registry.push()
+    registry.commit("data on S3")
+
+    registry.checkout("wrong-endpoint", new_branch=True)
+    registry.dvc("remote", "modify", "s3store", "endpointurl", DEAD_ENDPOINT)
+    registry.commit("config in Git names a dead endpoint")
+    registry.checkout("main")
+    return S3Registry(registry, s3_server.endpoint_url)
+
+
+def test_s3_registry_equals_the_oracle(s3_registry, mount, oracle):
+    source = s3_registry.registry.path
+    mounted = mount(f"{source}@main")
+    assert_same_tree(snapshot(mounted.path), oracle.tree(source, "main"), "S3 registry @main")
+
+
+def test_file_url_source(s3_registry, mount, oracle):
+    source = s3_registry.registry.path
+    mounted = mount(f"file://{source}@main")
+    assert_same_tree(snapshot(mounted.path), oracle.tree(source, "main"), "file:// URL @main")
+
+
+def test_remote_config_overrides_the_config_in_git(s3_registry, mount, oracle):
+    source = s3_registry.registry.path
+    endpoint = s3_registry.endpoint_url
+    expected = oracle.tree(source, "wrong-endpoint", local_config=[("s3store", "endpointurl", endpoint)])
+    mounted = mount(f"{source}@wrong-endpoint", "--remote-config", f"s3store.endpointurl={endpoint}")
+    assert_same_tree(snapshot(mounted.path), expected, "@wrong-endpoint with --remote-config")
