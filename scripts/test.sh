@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# THE test command: installs what the tests need (scripts/setup.sh --test), then runs pytest.
+#
+# Usage: bash scripts/test.sh [PYTEST ARGS...]      e.g.  bash scripts/test.sh -x -k mount
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/setup.sh --test
+
+# Legacy DVC 2 (own venv, see setup.sh) that the tests use to build old-format fixtures.
+export REGFS_DVC2="$PWD/.venv-dvc2/bin/dvc"
+exec .venv/bin/python -m pytest tests "$@"
