@@ -202,6 +202,10 @@ def open_reader(node: Node) -> FileReader:
     if isinstance(node, BlobNode):
         return BytesReader(node.data())
     if isinstance(node, ObjectNode):
+        if node.known_size == 0:
+            # The kernel sends no read for an empty file, so cache it now: its bytes are known, and
+            # DVC sharing this cache would otherwise miss the object.
+            node.store.path_of_empty(node.ref)
         return ObjectReader(node)
     if isinstance(node, ImportedFileNode):
         return LazyReader(lambda: open_reader(node.target()))

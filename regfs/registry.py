@@ -29,6 +29,7 @@ from regfs.tree import (
     LazyDirNode,
     Node,
     ObjectNode,
+    OutputDirNode,
     TreeBuilder,
     lookup_optional,
     manifest_children,
@@ -155,7 +156,7 @@ class Registry:
         ref = ObjectRef(output.object_id, output.hash_name)
         if not output.is_dir:
             return ObjectNode(ref, store, output.size, output.is_exec)
-        return LazyDirNode(lambda: self._dir_children(ref, store, output.path), output.path)
+        return OutputDirNode(lambda: self._dir_children(ref, store, output.path), output.path, ref, store)
 
     def _dir_children(self, ref: ObjectRef, store: ObjectStore, path: str) -> dict[str, Node]:
         try:

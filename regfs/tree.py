@@ -70,6 +70,14 @@ class LazyDirNode(DirNode):
             return self._children
 
 
+class OutputDirNode(LazyDirNode):
+    """A directory output: its entries come from the `.dir` manifest object `ref` in `store`."""
+
+    def __init__(self, load: Callable[[], dict[str, Node]], what: str, ref: ObjectRef, store):
+        super().__init__(load, what)
+        self.ref, self.store = ref, store
+
+
 class LinkNode(Node):
     kind = "link"
 
@@ -88,10 +96,13 @@ class BlobNode(Node):
                  blob_id: str, is_exec: bool):
         self._read_blob, self._blob_size = read_blob, blob_size
         self.blob_id, self.is_exec = blob_id, is_exec
+        self._size: int | None = None
 
     @property
     def size(self) -> int:
-        return self._blob_size(self.blob_id)
+        if self._size is None:  # libgit2 inflates the blob to learn its size: once is enough
+            self._size = self._blob_size(self.blob_id)
+        return self._size
 
     def data(self) -> bytes:
         return self._read_blob(self.blob_id)
@@ -102,6 +113,11 @@ class ObjectNode(Node):
 
     def __init__(self, ref: ObjectRef, store, size: int | None, is_exec: bool):
         self.ref, self.store, self._size, self.is_exec = ref, store, size, is_exec
+
+    @property
+    def known_size(self) -> int | None:
+        """The size if already known, without asking the remote."""
+        return self._size
 
     @property
     def size(self) -> int:

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.registry import Registry, random_bytes
+from tests.trees import assert_same_tree, snapshot
 
 FILES = 24
 
@@ -53,3 +54,19 @@ def test_racing_readers_in_two_daemons_download_each_object_once(tools, mount, t
     expected = {hashlib.md5(data).hexdigest() for data in contents.values()}
     assert set(file_objects) == expected
     assert all(n == 1 for n in file_objects.values()), file_objects
+
+
+def test_dvc_checks_out_from_the_cache_regfs_filled(basic, tools, mount, oracle, tmp_path: Path):
+    """regfs's cache is a DVC cache: after reading a revision through the mount, DVC checks the same
+    revision out of it with no remote at all."""
+    cache = tmp_path / "cache"
+    mounted = mount(f"{basic.path}@main", cache_dir=cache)
+    assert_same_tree(snapshot(mounted.path), oracle.tree(basic.path, "main"), "mount @main")
+
+    workspace = tmp_path / "workspace"
+    tools.run(["git", "clone", "-q", basic.path, workspace], cwd=tmp_path)
+    tools.run([tools.dvc3, "cache", "dir", "--local", cache], cwd=workspace)
+    tools.run([tools.dvc3, "remote", "modify", "--local", "store", "url", tmp_path / "no-such-remote"],
+              cwd=workspace)
+    tools.run([tools.dvc3, "checkout", "-q"], cwd=workspace)
+    assert_same_tree(snapshot(workspace), oracle.tree(basic.path, "main"), "dvc checkout from regfs's cache")
