@@ -58,13 +58,18 @@ class ObjectWriter:
 
 
 class ObjectCache:
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, shared_group: bool = False):
         self.directory = os.path.abspath(directory)
         self.state_dir = os.path.join(self.directory, "regfs")
         self._tmp_dir = os.path.join(self.state_dir, "tmp")
         self._lock_dir = os.path.join(self.state_dir, "locks")
         for path in (self._tmp_dir, self._lock_dir):
             os.makedirs(path, exist_ok=True)
+        if shared_group:
+            # As DVC's `cache.shared = group`: setgid directories (their subdirectories inherit the
+            # group and the bit), and the caller's umask 002 keeps new files group-writable.
+            for path in (self.directory, self.state_dir, self._tmp_dir, self._lock_dir):
+                _share_with_group(path)
         self.sizes = SizeIndex(os.path.join(self.state_dir, "sizes.sqlite"))
 
     def path(self, ref: ObjectRef) -> str:
@@ -115,7 +120,7 @@ class ObjectCache:
         """An exclusive flock on the object's lock file; the file is removed while still held."""
         path = os.path.join(self._lock_dir, ref.object_id + ".lock")
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides who shares it
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 # Another holder may have unlinked the file between our open and our flock.
@@ -131,6 +136,12 @@ class ObjectCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             os.close(fd)
+
+
+def _share_with_group(path: str) -> None:
+    info = os.stat(path)
+    if info.st_uid == os.getuid() and info.st_mode & 0o7777 != 0o2775:
+        os.chmod(path, 0o2775)
 
 
 def _same_file(fd: int, path: str) -> bool:

@@ -1,4 +1,4 @@
-"""The `regfs` command line: mount, umount, ls.
+"""The `regfs` command line: mount, umount, ls, get, cat.
 
 Prints one clear line per error (`regfs: error: ...`) and exits non-zero; a traceback only with
 --debug. Logging goes to stderr (the daemon's stderr is its log file).
@@ -14,7 +14,15 @@ import sys
 
 from regfs import __version__
 from regfs.address import parse_address
-from regfs.daemon import MountOptions, check_mountpoint, overrides, serve, spawn, wait_for_exit
+from regfs.daemon import (
+    MountOptions,
+    check_mountpoint,
+    overrides,
+    running_mounts,
+    serve,
+    spawn,
+    wait_for_exit,
+)
 from regfs.errors import RegfsError, UsageError
 
 logger = logging.getLogger("regfs")
@@ -37,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--refresh", type=float, default=60.0, metavar="SECONDS",
                        help="re-fetch the registry's refs this often (default 60; 0 = never)")
     mount.add_argument("--log-file", help="daemon log (default: <cache-dir>/regfs/logs/<mountpoint>.log)")
+    mount.add_argument("--allow-other", action="store_true",
+                       help="let other users read the mount (FUSE allow_other; modes still apply)")
+    mount.add_argument("-o", dest="mount_options", action="append", default=[], metavar="OPTIONS",
+                       help="mount(8)-style options: allow_other, cache_dir=DIR, refresh=SECONDS, remote=NAME, "
+                            "remote_config=NAME.KEY=VALUE, log_file=PATH, shared=group, debug")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _add_common(mount)
 
@@ -44,12 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     umount.add_argument("mountpoint")
     umount.add_argument("--debug", action="store_true")
 
+    status = commands.add_parser("status", help="list this user's running mounts")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--debug", action="store_true")
+
+    stats = commands.add_parser("stats", help="a mount's counters: fetches, cache hits, bytes, errors")
+    stats.add_argument("mountpoint")
+    stats.add_argument("--json", action="store_true")
+    stats.add_argument("--debug", action="store_true")
+
     ls = commands.add_parser("ls", help="list a revision's tree, like `dvc list`, without mounting")
     ls.add_argument("source", metavar="URL[@REV]")
     ls.add_argument("path", nargs="?", default="")
     ls.add_argument("-R", "--recursive", action="store_true", help="list files recursively")
     ls.add_argument("--json", action="store_true", help="print a JSON list of entries")
     _add_common(ls)
+    _add_copy_commands(commands)
     return parser
 
 
@@ -59,12 +82,24 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--remote", help="use this remote instead of the registry's default")
     parser.add_argument("--remote-config", action="append", default=[], metavar="NAME.KEY=VALUE",
                         help="set a remote option, as `dvc remote modify --local` would (repeatable)")
+    parser.add_argument("--shared", choices=["group"],
+                        help="share the cache with the group, as DVC's cache.shared=group (umask 002, setgid dirs)")
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and not argv[0].startswith("-") and argv[0] not in _COMMANDS:
+        argv = ["mount", *argv]  # mount.fuse3(8) runs `regfs SOURCE MOUNTPOINT -o OPTIONS`
     args = build_parser().parse_args(argv)
+    if args.command == "mount" and args.mount_options:
+        try:
+            args = build_parser().parse_args(expand_mount_options(argv))
+        except UsageError as exc:
+            print(f"regfs: error: {exc}", file=sys.stderr)
+            return 1
+    if getattr(args, "shared", None) == "group":
+        os.umask(0o002)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     try:
@@ -72,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             return _mount(args, argv)
         if args.command == "umount":
             return _umount(args.mountpoint)
+        if args.command == "status":
+            return _status(args.json)
+        if args.command == "stats":
+            return _stats(args.mountpoint, args.json)
+        if args.command in ("get", "cat"):
+            return _copy_command(args)
         return _ls(args)
     except (RegfsError, ValueError) as exc:
         if args.debug:
@@ -84,7 +125,8 @@ def _mount(args, argv: list[str]) -> int:
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
     options = MountOptions(address=parse_address(args.source), mountpoint=os.path.abspath(args.mountpoint),
                            cache_dir=cache_dir, refresh=args.refresh, remote=args.remote,
-                           remote_config=args.remote_config, log_file=args.log_file, debug=args.debug)
+                           remote_config=args.remote_config, log_file=args.log_file, debug=args.debug,
+                           allow_other=args.allow_other, shared_group=args.shared == "group")
     overrides(args.remote, args.remote_config)  # reject malformed options before daemonizing
     if args.foreground:
         if args.log_file and args.ready_fd is None:  # a spawned daemon's stderr is its log already
@@ -92,6 +134,71 @@ def _mount(args, argv: list[str]) -> int:
         return serve(options, args.ready_fd)
     check_mountpoint(options.mountpoint)
     return spawn([*argv, "--cache-dir", cache_dir], options)
+
+
+_COMMANDS = ("mount", "umount", "ls", "status", "stats", "get", "cat")
+# Generic mount(8) options that mean nothing more for a read-only FUSE mount (mount.fuse3(8)).
+_GENERIC_MOUNT_OPTIONS = {"rw", "ro", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev",
+                          "nofail", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+                          "relatime", "async", "sync", "default_permissions"}
+_VALUED_MOUNT_OPTIONS = {"cache_dir", "refresh", "remote", "remote_config", "log_file", "shared"}
+
+
+def expand_mount_options(argv: list[str]) -> list[str]:
+    """`-o a,b=c` (mount(8) style) rewritten as regfs's own options."""
+    expanded, items = [], iter(argv)
+    for arg in items:
+        if arg == "-o" or (arg.startswith("-o") and len(arg) > 2):
+            text = next(items, "") if arg == "-o" else arg[2:]
+            expanded += _mount_option_args(text)
+        else:
+            expanded.append(arg)
+    return expanded
+
+
+def _mount_option_args(text: str) -> list[str]:
+    args = []
+    for item in filter(None, text.split(",")):
+        key, has_value, value = item.partition("=")
+        if key in _GENERIC_MOUNT_OPTIONS or key.startswith("x-") or key == "comment":
+            continue
+        if key == "allow_other" and not has_value:
+            args.append("--allow-other")
+        elif key == "debug" and not has_value:
+            args.append("--debug")
+        elif key in _VALUED_MOUNT_OPTIONS and has_value:
+            args += ["--" + key.replace("_", "-"), value]
+        else:
+            raise UsageError(f"unknown mount option {item!r}")
+    return args
+
+
+def _status(as_json: bool) -> int:
+    mounts = running_mounts()
+    if as_json:
+        print(json.dumps(mounts, indent=2))
+        return 0
+    for record in mounts:
+        revision = f"@{record['revision']}" if record.get("revision") else ""
+        print(f"{record['mountpoint']}\t{record['source']}{revision}\tpid {record['pid']}\t"
+              f"cache {record['cache_dir']}")
+    return 0
+
+
+def _stats(mountpoint: str, as_json: bool) -> int:
+    try:
+        report = json.loads(os.getxattr(mountpoint, "user.regfs.stats"))
+    except OSError as exc:
+        raise UsageError(f"{mountpoint} is not a regfs mount ({exc.strerror})") from exc
+    if as_json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+        return 0
+    for key, value in report.items():
+        if key != "remotes":
+            print(f"{key:16} {value}")
+    for name, entry in report["remotes"].items():
+        print(f"{name}: " + ", ".join(f"{key} {value}" for key, value in entry.items()))
+    return 0
 
 
 def _log_to(path: str) -> None:
@@ -126,10 +233,42 @@ def _ls(args) -> int:
     address = parse_address(args.source)
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
     entries = list_entries(address, args.path, cache_dir, recursive=args.recursive,
-                           config=overrides(args.remote, args.remote_config))
+                           config=overrides(args.remote, args.remote_config), shared_group=args.shared == "group")
     if args.json:
         print(json.dumps(entries, indent=2, ensure_ascii=False))
     else:
         for entry in entries:
             print(entry["path"])
+    return 0
+
+
+def _add_copy_commands(commands) -> None:
+    get = commands.add_parser("get", help="copy a file or directory of a revision here, like `dvc get`")
+    get.add_argument("source", metavar="URL[@REV]")
+    get.add_argument("path")
+    get.add_argument("-o", "--out", help="destination (default: the path's name, in the current directory)")
+    get.add_argument("-f", "--force", action="store_true", help="replace an existing destination")
+    _add_common(get)
+    cat = commands.add_parser("cat", help="write a file of a revision to standard output")
+    cat.add_argument("source", metavar="URL[@REV]")
+    cat.add_argument("path")
+    _add_common(cat)
+
+
+def _copy_command(args) -> int:
+    from regfs import copy
+
+    address, config = parse_address(args.source), overrides(args.remote, args.remote_config)
+    cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
+    if args.command == "get":
+        target = copy.destination(args.path, args.out, args.force)  # refuse before fetching anything
+        progress = copy.Progress(sys.stderr, live=sys.stderr.isatty(), label=f"regfs: {target}: ")
+        copy.copy_out(copy.open_revision(address, cache_dir, config), args.path, target, progress)
+        return 0
+    view = copy.open_revision(address, cache_dir, config)
+    try:
+        copy.write_to(view, args.path, sys.stdout.buffer)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `regfs cat ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

@@ -10,6 +10,7 @@ unmount; nothing is left behind.
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -37,6 +38,8 @@ class MountOptions:
     remote_config: list[str] = field(default_factory=list)
     log_file: str | None = None
     debug: bool = False
+    allow_other: bool = False
+    shared_group: bool = False
 
 
 def overrides(remote: str | None, remote_config: list[str]) -> Config:
@@ -85,8 +88,8 @@ def serve(options: MountOptions, ready_fd: int | None = None) -> int:
     report = _Readiness(ready_fd)
     try:
         check_mountpoint(options.mountpoint)
-        _hold_pid_file(options.mountpoint)
-        context = Context(options.cache_dir)
+        _hold_pid_file(options)
+        context = Context(options.cache_dir, options.shared_group)
         registry = Registry(options.address.url, context,
                             overrides(options.remote, options.remote_config))
         registry.update()
@@ -103,7 +106,7 @@ def serve(options: MountOptions, ready_fd: int | None = None) -> int:
                          name="regfs-refresh").start()
     try:
         fuse.mount(view, options.mountpoint, f"regfs:{registry.url}", on_ready=report.ready,
-                   debug=options.debug)
+                   debug=options.debug, allow_other=options.allow_other)
     except RuntimeError as exc:
         # libfuse returns non-zero both when it cannot mount and when a signal ended its loop
         # (after unmounting); only the first is a failure.
@@ -151,21 +154,46 @@ def spawn(argv: list[str], options: MountOptions) -> int:
 _pid_fds: list[int] = []  # held open, and flock-ed, until this process exits
 
 
-def _hold_pid_file(mountpoint: str) -> None:
-    """Record our pid and hold an flock on it for the life of the process.
+def _hold_pid_file(options: MountOptions) -> None:
+    """Record this daemon (JSON) and hold an flock on the record for the life of the process.
 
     The kernel drops the lock only when the process is gone, which is what `regfs umount` waits
-    for; a pid alone could be reused, and a file removed on the way out comes before the exit.
+    for and how `regfs status` tells live daemons from stale records; a pid alone could be
+    reused, and a file removed on the way out comes before the exit.
     """
-    fd = os.open(pid_file(mountpoint), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(pid_file(options.mountpoint), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise UsageError(f"mountpoint {mountpoint} is busy: another regfs daemon serves it") from None
+        raise UsageError(f"mountpoint {options.mountpoint} is busy: another regfs daemon serves it") from None
+    record = {"pid": os.getpid(), "mountpoint": options.mountpoint, "source": options.address.url,
+              "revision": options.address.revision, "cache_dir": options.cache_dir,
+              "started": int(time.time())}
     os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
+    os.write(fd, json.dumps(record).encode())
     _pid_fds.append(fd)
+
+
+def running_mounts() -> list[dict]:
+    """Records of this user's live daemons (stale records of dead ones are removed)."""
+    runtime = os.path.dirname(pid_file("/"))
+    found = []
+    for name in sorted(os.listdir(runtime)):
+        if not (name.startswith("regfs-") and name.endswith(".pid")):
+            continue
+        path = os.path.join(runtime, name)
+        with open(path, "rb") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # held: the daemon is alive
+                try:
+                    found.append(json.loads(file.read() or b"{}"))
+                except ValueError:
+                    logger.warning("unreadable daemon record %s", path)
+                continue
+        _remove(path)
+    return found
 
 
 def wait_for_exit(mountpoint: str, timeout: float = 30.0) -> None:
@@ -183,9 +211,7 @@ def wait_for_exit(mountpoint: str, timeout: float = 30.0) -> None:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                    raise RegfsError(f"the daemon (pid {pid}) of {mountpoint} did not exit after unmount") \
-                        from None
+                    raise RegfsError(f"the daemon of {mountpoint} did not exit after unmount") from None
                 time.sleep(0.02)
         _remove(path)
     finally:

@@ -18,6 +18,7 @@ from regfs.cache import ObjectCache, ObjectRef
 from regfs.dvcmeta import DirEntry, parse_dir_manifest
 from regfs.errors import IntegrityError, RemoteError
 from regfs.remotes import Remote
+from regfs.stats import Stats
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +26,9 @@ logger = logging.getLogger(__name__)
 class Fetcher:
     """Shared by every store of a process: the cache and the parsed-manifest memo."""
 
-    def __init__(self, cache: ObjectCache):
+    def __init__(self, cache: ObjectCache, stats: Stats | None = None):
         self.cache = cache
+        self.stats = stats or Stats()
         self._manifests: LRUCache = LRUCache(maxsize=256)
         self._manifest_lock = threading.Lock()
 
@@ -44,12 +46,16 @@ class Fetcher:
         try:
             path = self.cache.install(ref, fill)
         except IntegrityError as exc:
+            self.stats.remote_failed(remote.describe())
             raise IntegrityError(f"{exc} (downloaded from {remote.describe()}); nothing was cached") from exc
         except RemoteError as exc:
+            self.stats.remote_failed(remote.describe())
             raise type(exc)(f"cannot fetch object {ref.object_id}: {exc}") from exc
         if downloads:  # not when another thread or process downloaded it while we waited
-            logger.info("fetched %s (%d bytes) from %s in %.2fs", ref.object_id, os.path.getsize(path),
-                        remote.describe(), time.monotonic() - downloads[0])
+            size, seconds = os.path.getsize(path), time.monotonic() - downloads[0]
+            self.stats.fetched(remote.describe(), size, seconds)
+            logger.info("fetched %s (%d bytes) from %s in %.2fs", ref.object_id, size, remote.describe(),
+                        seconds)
         return path
 
     def install_empty(self, ref: ObjectRef) -> str:
@@ -103,8 +109,15 @@ class ObjectStore:
         """A local path with the object's verified bytes, downloading them if needed."""
         cached = self._fetcher.cache.find(ref)
         if cached is not None:
+            self._fetcher.stats.add("cache_hits")
             return cached
+        self._fetcher.stats.add("cache_misses")
         return self._fetcher.fetch(ref, self.remote())
+
+    def url(self, ref: ObjectRef) -> str:
+        """Where the object lives on its remote (a path for a local remote)."""
+        remote = self.remote()
+        return remote.url.rstrip("/") + "/" + ref.relpath
 
     def path_of_empty(self, ref: ObjectRef) -> str:
         return self._fetcher.cache.find(ref) or self._fetcher.install_empty(ref)

@@ -9,6 +9,7 @@ operation is EROFS, and the mount is also made with `ro` so the kernel refuses m
 import errno
 import functools
 import itertools
+import json
 import logging
 import os
 import stat
@@ -25,6 +26,7 @@ from regfs.namespace import Attr, FileReader, MountView
 
 logger = logging.getLogger(__name__)
 
+XATTR_PREFIX = "user.regfs."
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -36,9 +38,13 @@ def _translated(operation: Callable) -> Callable:
         except RegfsError as exc:
             if exc.errno == errno.EIO and not getattr(exc, "reported", False):
                 exc.reported = True  # one log line per failure, however often the kernel retries
+                self._view.stats.add("errors")
                 logger.error("%s %s: %s", operation.__name__, path, exc)
             raise mfusepy.FuseOSError(exc.errno) from exc
+        except mfusepy.FuseOSError:
+            raise  # already an answer for the kernel
         except OSError as exc:
+            self._view.stats.add("errors")
             logger.error("%s %s: %s", operation.__name__, path, exc)
             raise mfusepy.FuseOSError(errno.EIO) from exc
 
@@ -88,7 +94,29 @@ class Operations(mfusepy.Operations):
 
     @_translated
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        return self._handles[fh].read(size, offset)
+        data = self._handles[fh].read(size, offset)
+        self._view.stats.add("reads")
+        self._view.stats.add("bytes_served", len(data))
+        return data
+
+    @_translated
+    def listxattr(self, path: str) -> list[str]:
+        return [XATTR_PREFIX + name for name in self._xattrs(path)]
+
+    @_translated
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        value = self._xattrs(path).get(name.removeprefix(XATTR_PREFIX)) if name.startswith(XATTR_PREFIX) \
+            else None
+        if value is None:
+            raise mfusepy.FuseOSError(errno.ENODATA)
+        return value.encode()
+
+    def _xattrs(self, path: str) -> dict[str, str]:
+        """Provenance of every entry; the root also carries the mount's statistics as JSON."""
+        values = self._view.provenance(path)
+        if path.strip("/") == "":
+            values["stats"] = json.dumps(self._view.report(), sort_keys=True)
+        return values
 
     def release(self, path: str, fh: int) -> int:
         with self._lock:
@@ -122,8 +150,13 @@ class Operations(mfusepy.Operations):
 
 
 def mount(view: MountView, mountpoint: str, fsname: str, on_ready: Callable[[], None] | None = None,
-          debug: bool = False) -> None:
-    """Serve `view` at `mountpoint` until unmounted or signalled (SIGTERM/SIGINT unmount)."""
+          debug: bool = False, allow_other: bool = False) -> None:
+    """Serve `view` at `mountpoint` until unmounted or signalled (SIGTERM/SIGINT unmount).
+
+    `default_permissions` always: with `allow_other` the kernel then enforces the 0444/0555 modes
+    for every user (mount.fuse3(8)), so sharing a mount never grants more than reading.
+    """
     safe_name = "".join(char if char.isalnum() or char in "/:._-@" else "_" for char in fsname)
     mfusepy.FUSE(Operations(view, on_ready), mountpoint, foreground=True, nothreads=False, debug=debug,
-                 ro=True, default_permissions=True, fsname=safe_name, subtype="regfs")
+                 ro=True, default_permissions=True, allow_other=allow_other, fsname=safe_name,
+                 subtype="regfs")

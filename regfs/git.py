@@ -39,8 +39,9 @@ class TreeItem:
 class Mirror:
     """A bare mirror of one registry URL."""
 
-    def __init__(self, url: str, directory: str):
+    def __init__(self, url: str, directory: str, shared_group: bool = False):
         self.url = url
+        self._shared_group = shared_group
         self.path = os.path.join(directory, _mirror_name(url))
         self._lock_path = self.path + ".lock"
         self._repo: pygit2.Repository | None = None
@@ -75,7 +76,10 @@ class Mirror:
     def _open_or_init(self) -> pygit2.Repository:
         if os.path.isdir(self.path):
             return pygit2.Repository(self.path)
-        return pygit2.init_repository(self.path, bare=True)
+        repo = pygit2.init_repository(self.path, bare=True)
+        if self._shared_group:  # git's own way to keep a repository writable by its group
+            repo.config["core.sharedRepository"] = "group"
+        return repo
 
     @property
     def repo(self) -> pygit2.Repository:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from regfs.errors import IsADirectory, NotADirectory, PathNotFound, RegfsError
 from regfs.registry import Registry
-from regfs.tree import BlobNode, DirNode, ImportedFileNode, LinkNode, Node, ObjectNode, lookup
+from regfs.stats import Stats
+from regfs.tree import BlobNode, DirNode, ImportedFileNode, LinkNode, Node, ObjectNode, OutputDirNode, lookup
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,11 @@ class MountView:
 
     def resolve(self, path: str) -> tuple[Node, int]:
         """The node at `path` (relative to the mount root) and its mtime."""
+        node, mtime, _ = self.locate(path)
+        return node, mtime
+
+    def locate(self, path: str) -> tuple[Node, int, str | None]:
+        """The node at `path`, its mtime, and the commit it belongs to (None above the commits)."""
         path = path.strip("/")
         if self.pinned_sha is not None:
             return self._in_commit(self.pinned_sha, path)
@@ -68,7 +74,7 @@ class MountView:
             return self._in_commit(self._commit(first[1:]), rest)
         with self._lock:
             root, mtime = self._refs_root, self._refs_time
-        return lookup(root, path), mtime
+        return lookup(root, path), mtime, None
 
     def _commit(self, name: str) -> str:
         commit_sha = self._commits.get(name)
@@ -83,9 +89,39 @@ class MountView:
                 self._commits[name] = commit_sha
         return commit_sha
 
-    def _in_commit(self, commit_sha: str, path: str) -> tuple[Node, int]:
+    def _in_commit(self, commit_sha: str, path: str) -> tuple[Node, int, str]:
         snapshot = self.registry.tree(commit_sha)
-        return lookup(snapshot.root, path), snapshot.commit_time
+        return lookup(snapshot.root, path), snapshot.commit_time, commit_sha
+
+    def provenance(self, path: str) -> dict[str, str]:
+        """Where the entry at `path` comes from: `commit`, `hash`, `remote`, `url` (as known)."""
+        node, _, commit_sha = self.locate(path)
+        info = {"commit": commit_sha} if commit_sha else {}
+        imported = isinstance(node, ImportedFileNode)
+        if imported:
+            node = node.target()
+        if isinstance(node, (ObjectNode, OutputDirNode)):
+            info["hash"] = f"{node.ref.hash_name}:{node.ref.object_id}"
+            try:
+                info["url"] = node.store.url(node.ref)
+                info["remote"] = node.store.remote().name
+            except RegfsError as exc:  # no usable remote: the other facts still stand
+                logger.debug("no remote for %s: %s", path, exc)
+        elif isinstance(node, BlobNode):
+            info["hash"] = f"git-blob:{node.blob_id}"
+            info["remote"] = "git"
+            if not imported:
+                info["url"] = self.registry.url
+        return info
+
+    @property
+    def stats(self) -> Stats:
+        return self.registry.context.fetcher.stats
+
+    def report(self) -> dict:
+        """What `regfs stats` shows: the mount's source and the process's counters."""
+        return {"source": self.registry.url, "pinned_commit": self.pinned_sha,
+                "cache_dir": self.registry.context.cache.directory, **self.stats.snapshot()}
 
     def attr(self, path: str) -> Attr:
         node, mtime = self.resolve(path)

@@ -46,8 +46,9 @@ class Snapshot:
 
 
 class Context:
-    def __init__(self, cache_dir: str):
-        self.cache = ObjectCache(cache_dir)
+    def __init__(self, cache_dir: str, shared_group: bool = False):
+        self.shared_group = shared_group
+        self.cache = ObjectCache(cache_dir, shared_group)
         self.fetcher = Fetcher(self.cache)
         self.mirrors_dir = os.path.join(self.cache.state_dir, "git")
         self.user_config = Config()
@@ -79,7 +80,7 @@ class Registry:
         self.url = self.local_dir or url
         self.context = context
         self.overrides = overrides or Config()
-        self.mirror = Mirror(self.url, context.mirrors_dir)
+        self.mirror = Mirror(self.url, context.mirrors_dir, context.shared_group)
         self._trees: LRUCache = LRUCache(maxsize=32)
         self._configs: dict[str | None, Config] = {}
         self._stores: dict[tuple, ObjectStore] = {}
