@@ -71,6 +71,9 @@ class ObjectCache:
             for path in (self.directory, self.state_dir, self._tmp_dir, self._lock_dir):
                 _share_with_group(path)
         self.sizes = SizeIndex(os.path.join(self.state_dir, "sizes.sqlite"))
+        if shared_group:
+            # sqlite creates its files 0644 whatever the umask; its -wal/-shm files copy this mode.
+            _share_with_group(self.sizes.path, 0o664)
 
     def path(self, ref: ObjectRef) -> str:
         return os.path.join(self.directory, ref.relpath)
@@ -138,10 +141,10 @@ class ObjectCache:
             os.close(fd)
 
 
-def _share_with_group(path: str) -> None:
+def _share_with_group(path: str, mode: int = 0o2775) -> None:
     info = os.stat(path)
-    if info.st_uid == os.getuid() and info.st_mode & 0o7777 != 0o2775:
-        os.chmod(path, 0o2775)
+    if info.st_uid == os.getuid() and info.st_mode & 0o7777 != mode:
+        os.chmod(path, mode)
 
 
 def _same_file(fd: int, path: str) -> bool:
@@ -155,7 +158,7 @@ class SizeIndex:
     """Persistent object sizes (an object's size never changes), shared by processes via sqlite."""
 
     def __init__(self, path: str):
-        self._path = path
+        self.path = path
         self._local = threading.local()
         with self._connection() as connection:
             connection.execute("CREATE TABLE IF NOT EXISTS sizes (object TEXT PRIMARY KEY, size INTEGER)")
@@ -164,20 +167,24 @@ class SizeIndex:
         connection = getattr(self._local, "connection", None)
         if connection is None:
             try:
-                connection = sqlite3.connect(self._path, timeout=30)
+                connection = sqlite3.connect(self.path, timeout=30)
                 connection.execute("PRAGMA journal_mode=WAL")
             except sqlite3.Error as exc:
-                raise RegfsError(f"cannot open size index {self._path}: {exc}") from exc
+                raise RegfsError(f"cannot open size index {self.path}: {exc}") from exc
             self._local.connection = connection
         return connection
 
     def get_many(self, refs: list[ObjectRef]) -> dict[ObjectRef, int]:
-        found, connection = {}, self._connection()
-        for start in range(0, len(refs), 500):
-            batch = {ref.relpath: ref for ref in refs[start:start + 500]}
-            marks = ",".join("?" * len(batch))
-            rows = connection.execute(f"SELECT object, size FROM sizes WHERE object IN ({marks})", list(batch))
-            found.update((batch[key], size) for key, size in rows)
+        found = {}
+        try:
+            connection = self._connection()
+            for start in range(0, len(refs), 500):
+                batch = {ref.relpath: ref for ref in refs[start:start + 500]}
+                marks = ",".join("?" * len(batch))
+                rows = connection.execute(f"SELECT object, size FROM sizes WHERE object IN ({marks})", list(batch))
+                found.update((batch[key], size) for key, size in rows)
+        except sqlite3.Error as exc:  # a lost index costs remote lookups, never data
+            logger.warning("cannot read object sizes from %s: %s", self.path, exc)
         return found
 
     def put(self, ref: ObjectRef, size: int) -> None:
@@ -192,4 +199,4 @@ class SizeIndex:
                                        [(ref.relpath, size) for ref, size in sizes.items()])
         except sqlite3.Error as exc:
             # The index only saves round trips: losing an entry costs a remote lookup, not data.
-            logger.warning("cannot record object sizes in %s: %s", self._path, exc)
+            logger.warning("cannot record object sizes in %s: %s", self.path, exc)
