@@ -21,6 +21,12 @@ from regfs.errors import RevisionNotFound, SourceError
 
 logger = logging.getLogger(__name__)
 
+# git's `safe.directory` ownership check guards against running another user's hooks and
+# filters in a checkout. regfs never checks out, runs no hook, and reads mirrors that, in a
+# group-shared cache, belong to whichever member created them: the check would only lock the
+# group out.
+pygit2.option(pygit2.enums.Option.SET_OWNER_VALIDATION, 0)
+
 _REFSPECS = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"]
 _HEX = re.compile(r"^[0-9a-fA-F]{7,40}$")
 MODE_EXEC = 0o100755
@@ -58,10 +64,10 @@ class Mirror:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
 
     def _fetch_locked(self) -> None:
-        repo = self._open_or_init()
-        remote = repo.remotes.create_anonymous(self.url)
         callbacks = _Credentials()
         try:
+            repo = self._open_or_init()
+            remote = repo.remotes.create_anonymous(self.url)
             heads = remote.list_heads(callbacks=callbacks)
             remote.fetch(_REFSPECS, callbacks=callbacks, prune=pygit2.enums.FetchPrune.PRUNE)
         except (pygit2.GitError, KeyError, ValueError) as exc:
