@@ -258,14 +258,16 @@ def _add_copy_commands(commands) -> None:
 def _copy_command(args) -> int:
     from regfs import copy
 
+    # stderr is for the progress line and errors: the per-object INFO lines of a mount's log are noise
+    logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.WARNING)
     address, config = parse_address(args.source), overrides(args.remote, args.remote_config)
-    cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
+    cache_dir, shared_group = os.path.abspath(args.cache_dir or default_cache_dir()), args.shared == "group"
     if args.command == "get":
         target = copy.destination(args.path, args.out, args.force)  # refuse before fetching anything
         progress = copy.Progress(sys.stderr, live=sys.stderr.isatty(), label=f"regfs: {target}: ")
-        copy.copy_out(copy.open_revision(address, cache_dir, config), args.path, target, progress)
+        copy.copy_out(copy.open_revision(address, cache_dir, config, shared_group), args.path, target, progress)
         return 0
-    view = copy.open_revision(address, cache_dir, config)
+    view = copy.open_revision(address, cache_dir, config, shared_group)
     try:
         copy.write_to(view, args.path, sys.stdout.buffer)
         sys.stdout.flush()
