@@ -261,7 +261,7 @@ def get_url(path, repo=None, rev=None, remote=None, remote_config: dict | None =
         raise UsageError(f"{path} is not a DVC output in {revision} (it is "
                          f"{'tracked by Git' if node.kind != 'dir' else 'a directory of Git or an import'})"
                          ": it has no remote URL")
-    return node.store.remote().url.rstrip("/") + "/" + node.ref.relpath
+    return node.store.url(node.ref)
 
 
 # -- fsspec ------------------------------------------------------------------------------------

@@ -170,3 +170,57 @@ def test_status_lists_running_mounts(basic, mount, regfs_cli):
     mounted.unmount()
     records = json.loads(regfs_cli("status", "--json").stdout)
     assert all(r["mountpoint"] != str(mounted.path) for r in records)
+
+
+def test_two_users_share_a_group_cache(tools, public_dir):
+    """Two users of one group read through one `--shared group` cache, at the same time: each gets
+    DVC's bytes, each object is downloaded once, and the cache stays usable by both."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.registry import Registry, random_bytes
+
+    group, users = 4300, (4301, 4302)
+    registry = Registry.create(tools, public_dir / "registry", remotes={"store": "../store"},
+                               default_remote="store")
+    contents = {f"set/part-{i}.bin": random_bytes(500 + i, 300_000 + i) for i in range(8)}
+    for relpath, data in contents.items():
+        registry.write(relpath, data)
+    registry.add("set")
+    registry.commit("data")
+    registry.push()
+    cache = public_dir / "cache"
+    cache.mkdir()
+    os.chown(cache, 0, group)
+    cache.chmod(0o2775)  # what the admin does once: install -d -m 2775 -g GROUP
+
+    def regfs_as(uid: int, *args: str) -> subprocess.CompletedProcess:
+        home = public_dir / f"home-{uid}"
+        env = {**tools.env, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
+               "XDG_CACHE_HOME": str(home / ".cache")}
+        return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", f"--groups={group}",
+                               sys.executable, "-m", "regfs", *args], env=env, cwd=public_dir,
+                              capture_output=True, timeout=120, check=False)
+
+    usable = regfs_as(users[0], "--version")
+    assert usable.returncode == 0, f"another uid cannot run this interpreter: {usable.stderr.decode()}"
+
+    def read(job: tuple[int, str]) -> tuple[str, bytes, bytes]:
+        uid, relpath = job
+        result = regfs_as(uid, "cat", f"{registry.path}@main", relpath, "--cache-dir", str(cache),
+                          "--shared", "group")
+        return relpath, result.stdout, result.stderr
+
+    jobs = [(uid, relpath) for relpath in contents for uid in users]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for relpath, stdout, stderr in pool.map(read, jobs):
+            assert stdout == contents[relpath], f"{relpath}: {stderr.decode()}"
+
+    objects = [path for path in (cache / "files").rglob("*") if path.is_file()]
+    assert len(objects) == len(contents) + 1  # every part and the .dir manifest, once
+    for path in objects:
+        assert path.stat().st_mode & 0o777 == 0o444
+        assert hashlib.md5(path.read_bytes()).hexdigest() == path.parent.name + path.name.removesuffix(".dir")
+    for path in [cache, *(p for p in cache.rglob("*") if p.is_dir())]:
+        mode = path.stat().st_mode
+        assert path.stat().st_gid == group and mode & 0o2070 == 0o2070, f"{path}: {oct(mode)}"
+    assert not list((cache / "regfs" / "tmp").iterdir())
