@@ -26,6 +26,8 @@ from regfs.hashing import StreamHasher
 
 logger = logging.getLogger(__name__)
 
+_TMP_SEPARATOR = "~"  # temporary files are named <object id>~<random>
+
 
 @dataclass(frozen=True)
 class ObjectRef:
@@ -100,7 +102,7 @@ class ObjectCache:
         return target
 
     def _download(self, ref: ObjectRef, fill, target: str) -> None:
-        fd, tmp_path = tempfile.mkstemp(dir=self._tmp_dir, prefix=ref.digest[:12] + ".")
+        fd, tmp_path = tempfile.mkstemp(dir=self._tmp_dir, prefix=ref.object_id + _TMP_SEPARATOR)
         try:
             hasher = StreamHasher(ref.hash_name)
             with os.fdopen(fd, "wb") as file:
@@ -117,6 +119,29 @@ class ObjectCache:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_path)
+
+    def remove_stale_downloads(self) -> int:
+        """Remove temporary files of downloads whose writer died (killed mid-download): a live
+        writer holds its object's lock, so a temporary file whose lock is free is garbage."""
+        removed = 0
+        for name in os.listdir(self._tmp_dir):
+            object_id = name.split(_TMP_SEPARATOR, 1)[0]
+            lock_path = os.path.join(self._lock_dir, object_id + ".lock")
+            try:
+                fd = os.open(lock_path, os.O_RDONLY)
+            except FileNotFoundError:
+                fd = None
+            try:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                os.unlink(os.path.join(self._tmp_dir, name))
+                removed += 1
+            except (BlockingIOError, FileNotFoundError):
+                continue  # being written right now, or already gone
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        return removed
 
     @contextlib.contextmanager
     def _locked(self, ref: ObjectRef) -> Iterator[None]:

@@ -8,8 +8,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
 
 from regfs import __version__
@@ -17,10 +15,12 @@ from regfs.address import parse_address
 from regfs.daemon import (
     MountOptions,
     check_mountpoint,
+    mount_type,
     overrides,
     running_mounts,
     serve,
     spawn,
+    unmount,
     wait_for_exit,
 )
 from regfs.errors import RegfsError, UsageError
@@ -210,21 +210,11 @@ def _log_to(path: str) -> None:
 
 def _umount(mountpoint: str) -> int:
     mountpoint = os.path.abspath(mountpoint)
-    if not _is_mounted(mountpoint):
+    if mount_type(mountpoint) is None:
         raise UsageError(f"{mountpoint} is not mounted")
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    command = [tool, "-u", mountpoint] if tool else ["umount", mountpoint]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or ["unknown reason"])[-1]
-        raise RegfsError(f"cannot unmount {mountpoint}: {reason}")
+    unmount(mountpoint)
     wait_for_exit(mountpoint)
     return 0
-
-
-def _is_mounted(mountpoint: str) -> bool:
-    with open("/proc/self/mounts", encoding="utf-8") as mounts:
-        return any(line.split()[1].encode().decode("unicode_escape") == mountpoint for line in mounts)
 
 
 def _ls(args) -> int:

@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -54,19 +56,53 @@ def overrides(remote: str | None, remote_config: list[str]) -> Config:
 
 
 def check_mountpoint(mountpoint: str) -> None:
+    """Refuse a missing or busy mountpoint; clean a regfs mount whose daemon died."""
     try:
         info = os.stat(mountpoint)
     except FileNotFoundError:
         raise UsageError(f"mountpoint {mountpoint} does not exist") from None
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            raise UsageError(f"mountpoint {mountpoint} is a dead FUSE mount (transport endpoint is not "
-                             f"connected); run: regfs umount {mountpoint}") from exc
-        raise UsageError(f"mountpoint {mountpoint}: {exc.strerror}") from exc
+        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):  # a FUSE daemon that died
+            raise UsageError(f"mountpoint {mountpoint}: {exc.strerror}") from exc
+        _clean_dead_mount(mountpoint)
+        info = os.stat(mountpoint)
     if not os.path.isdir(mountpoint) or info is None:
         raise UsageError(f"mountpoint {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
         raise UsageError(f"mountpoint {mountpoint} is busy: something is already mounted there")
+
+
+def _clean_dead_mount(mountpoint: str) -> None:
+    """A FUSE mount whose daemon is gone answers ENOTCONN ("transport endpoint is not
+    connected") until unmounted; if it was a regfs mount and no daemon holds its record, unmount it."""
+    if mount_type(mountpoint) != "fuse.regfs" or _daemon_alive(mountpoint):
+        raise UsageError(f"mountpoint {mountpoint} is a dead FUSE mount (transport endpoint is not "
+                         f"connected) that regfs did not make; unmount it with: fusermount3 -u {mountpoint}")
+    logger.warning("%s is a regfs mount whose daemon died; unmounting it first", mountpoint)
+    unmount(mountpoint, lazy=True)
+
+
+def mount_type(mountpoint: str) -> str | None:
+    """The filesystem type mounted at `mountpoint` (per /proc/self/mounts), or None."""
+    target = os.fsencode(os.path.abspath(mountpoint))
+    found = None
+    with open("/proc/self/mounts", "rb") as mounts:
+        for line in mounts:  # the last match is the mount on top
+            fields = line.split(b" ")
+            path = re.sub(rb"\\([0-7]{3})", lambda match: bytes([int(match[1], 8)]), fields[1])
+            if path == target:
+                found = fields[2].decode(errors="replace")
+    return found
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [tool, "-u", *(["-z"] if lazy else []), mountpoint] if tool else \
+        ["umount", *(["-l"] if lazy else []), mountpoint]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["unknown reason"])[-1]
+        raise RegfsError(f"cannot unmount {mountpoint}: {reason}")
 
 
 def pid_file(mountpoint: str) -> str:
@@ -92,7 +128,10 @@ def serve(options: MountOptions, ready_fd: int | None = None) -> int:
         context = Context(options.cache_dir, options.shared_group)
         registry = Registry(options.address.url, context,
                             overrides(options.remote, options.remote_config))
-        registry.update()
+        removed = context.cache.remove_stale_downloads()
+        if removed:
+            logger.info("removed %d temporary files of interrupted downloads", removed)
+        registry.update_or_reuse()
         pinned = registry.mirror.resolve(options.address.revision) if options.address.revision else None
         view = MountView(registry, pinned)
     except RegfsError as exc:
@@ -173,6 +212,20 @@ def _hold_pid_file(options: MountOptions) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps(record).encode())
     _pid_fds.append(fd)
+
+
+def _daemon_alive(mountpoint: str) -> bool:
+    try:
+        fd = os.open(pid_file(mountpoint), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def running_mounts() -> list[dict]:

@@ -79,6 +79,13 @@ class Mirror:
         with self._lock:
             self._repo = None  # reopen so new packs are seen
 
+    def last_fetch(self) -> float | None:
+        """When the mirror last got refs from its URL, or None if it never did."""
+        try:
+            return os.stat(os.path.join(self.path, "FETCH_HEAD")).st_mtime
+        except FileNotFoundError:
+            return None
+
     def _open_or_init(self) -> pygit2.Repository:
         if os.path.isdir(self.path):
             return pygit2.Repository(self.path)

@@ -10,7 +10,7 @@ from regfs.tree import BlobNode, DirNode, LazyDirNode, LinkNode, Node
 def list_entries(address: Address, path: str, cache_dir: str, recursive: bool = False,
                  config: Config | None = None, shared_group: bool = False) -> list[dict]:
     registry = Registry(address.url, Context(cache_dir, shared_group), config)
-    registry.update()
+    registry.update_or_reuse()
     commit_sha = registry.mirror.resolve(address.revision or "HEAD")
     view = MountView(registry, commit_sha)
     path = path.strip("/")

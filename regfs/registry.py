@@ -11,6 +11,7 @@ import logging
 import os
 import posixpath
 import threading
+import time
 from dataclasses import dataclass
 
 from cachetools import LRUCache
@@ -93,6 +94,17 @@ class Registry:
             raise SourceError(f"registry {self.url} does not exist")
         self.mirror.fetch()
         self._fetched = True
+
+    def update_or_reuse(self) -> None:
+        """Fetch the mirror; if the URL cannot be reached but a mirror exists, serve it, and say so."""
+        try:
+            self.update()
+        except SourceError as exc:
+            fetched_at = self.mirror.last_fetch()
+            if fetched_at is None:
+                raise
+            logger.warning("%s; serving the mirror as fetched at %s", exc,
+                           time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(fetched_at)))
 
     def resolve(self, revision: str) -> str:
         """A commit sha; fetches the mirror once if the revision is not known yet."""
