@@ -154,8 +154,12 @@ class Mirror:
         commit = None
         if _HEX.match(hex_prefix):
             with self._lock:
+                repo = self.repo_unlocked()
                 try:
-                    commit = _peel_commit(self.repo_unlocked(), self._repo.revparse_single(hex_prefix.lower()).id)
+                    # An object-database lookup by (short) id: revparse would try refs first, and a
+                    # branch named with hex digits would then stand in for a commit.
+                    obj = repo[hex_prefix.lower()]
+                    commit = obj if isinstance(obj, pygit2.Commit) else None
                 except (KeyError, pygit2.GitError, ValueError):
                     commit = None
         if commit is None:
