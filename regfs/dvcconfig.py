@@ -4,7 +4,8 @@ Levels, lowest precedence first (../shared/dvc-format.md section 7): system, glo
 registry's `.dvc/config` as committed, then what the user gives on the command line (the role
 `.dvc/config.local` plays for DVC). Section and key names are case-insensitive, and so are remote
 names (DVC lower-cases them). Relative paths in a level resolve against that level's directory.
-Parsing is pure; only `user_levels` reads files.
+Parsing is pure; only `user_levels` reads files, and it takes time linear in the text: a
+registry's `.dvc/config` is untrusted, so no regular expression here can backtrack over a line.
 """
 
 import os
@@ -13,7 +14,6 @@ from dataclasses import dataclass, field
 
 from regfs.errors import ConfigError
 
-_SECTION = re.compile(r"""^\[\s*(?P<quote>['"]?)(?P<name>.*?)(?P=quote)\s*\]\s*(?:[#;].*)?$""")
 _REMOTE_SECTION = re.compile(r"""^remote\s+["'](?P<name>.+)["']$""")
 _PATH_OPTIONS = ("credentialpath", "configpath", "keyfile", "gdrive_user_credentials_file",
                  "gdrive_service_account_json_file_path")
@@ -62,9 +62,9 @@ def parse_config(text: str, base_dir: str | None = None) -> Config:
         line = raw_line.strip()
         if not line or line[0] in "#;":
             continue
-        match = _SECTION.match(line)
-        if match:
-            section = _section(config, match.group("name").strip())
+        name = _section_name(line)
+        if name is not None:
+            section = _section(config, name.strip())
             continue
         key, sep, value = line.partition("=")
         if not sep:
@@ -109,6 +109,38 @@ def is_local_path(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def _section_name(line: str) -> str | None:
+    """The name of a `[name]` line (stripped of one pair of quotes), or None for another line.
+
+    The name ends at the first `]` followed by nothing but spaces and an optional `#`/`;`
+    comment, or at a later one if that makes a quoted name. A scan, not a regular expression:
+    one with optional spaces around a lazy name backtracks cubically on a long line of spaces.
+    """
+    if not line.startswith("["):
+        return None
+    ends, rest_ok = [], True  # rest_ok: what follows position i is spaces, then maybe a comment
+    for index in range(len(line) - 1, 0, -1):
+        char = line[index]
+        if char == "]" and rest_ok:
+            ends.append(index)
+        if char in "#;":
+            rest_ok = True
+        elif not char.isspace():
+            rest_ok = False
+    if not ends:
+        return None
+    ends.reverse()
+    start = len(line) - len(line[1:].lstrip())  # the name's first character
+    quote = line[start] if line[start:start + 1] in ("'", '"') else None
+    for end in ends if quote else ():
+        last = end - 1
+        while last > start and line[last].isspace():  # runs before each `]` are disjoint: linear
+            last -= 1
+        if last > start and line[last] == quote:
+            return line[start + 1:last]
+    return line[1:ends[0]]
+
+
 def _section(config: Config, name: str) -> dict:
     remote = _REMOTE_SECTION.match(name)
     if remote:
@@ -121,7 +153,8 @@ def _section(config: Config, name: str) -> dict:
 def _value(text: str):
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         return text[1:-1]
-    text = re.split(r"\s+#", text, maxsplit=1)[0].strip()
+    comment = re.search(r"\s#", text)  # not `\s+#`: that rescans every run of spaces from each space
+    text = text[:comment.start()].strip() if comment else text
     if "," in text:
         return [item.strip().strip("'\"") for item in text.split(",") if item.strip()]
     return text

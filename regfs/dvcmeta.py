@@ -4,12 +4,16 @@ Everything here takes text or bytes and returns small frozen dataclasses; no I/O
 untrusted input: a malformed output is reported in `Parsed.skipped` with its reason and the
 other outputs of the file still parse. Paths that would leave the registry's tree, object ids
 that are not hex digests, and manifest entries that would leave their directory are rejected here,
-so no later layer ever builds a filesystem path from them.
+so no later layer ever builds a filesystem path from them. Whatever the input, a parser returns or
+raises `MetafileError`, and what it returns holds plain, bounded values: a YAML alias can make a
+few bytes stand for millions of items, so rejected values are only ever shown shortened.
 """
 
+import datetime
 import json
 import posixpath
 import re
+import reprlib
 from dataclasses import dataclass, field
 
 import yaml
@@ -19,8 +23,17 @@ from regfs.errors import MetafileError
 HASH_MD5 = "md5"  # DVC 3: plain md5 of the bytes (`hash: md5` in the output)
 HASH_LEGACY = "md5-dos2unix"  # DVC 2: CRLF-normalised md5 of text files (no `hash` field)
 
-_MD5 = re.compile(r"^[0-9a-f]{32}$")
-_DIR_MD5 = re.compile(r"^[0-9a-f]{32}\.dir$")
+# Used with fullmatch: `$` would also accept a trailing newline.
+_MD5 = re.compile(r"[0-9a-f]{32}")
+_DIR_MD5 = re.compile(r"[0-9a-f]{32}\.dir")
+MAX_SIZE = 2**63 - 1  # st_size is a signed 64-bit integer: a larger size is no size
+# Output paths never lie in these directories: DVC ignores them at any depth (its default
+# .dvcignore patterns), and Git refuses a `.git` component anywhere in a tree.
+_RESERVED_DIRS = (".git", ".dvc")
+# Budget of values walked when checking an import's `remote`/`config` mappings.
+_MAX_PLAIN_VALUES = 1000
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 80, 80
 
 
 @dataclass(frozen=True)
@@ -94,8 +107,9 @@ def parse_pipeline(yaml_text: str | bytes | None, lock_text: str | bytes, lockfi
     if not isinstance(lock, dict):
         raise MetafileError(f"{lockfile}: expected a mapping at the top level")
     if "schema" in lock:
-        if str(lock["schema"]) != "2.0":
-            raise MetafileError(f"{lockfile}: unknown dvc.lock schema {lock['schema']!r}")
+        schema = lock["schema"]
+        if not (isinstance(schema, (str, float)) and str(schema) == "2.0"):
+            raise MetafileError(f"{lockfile}: unknown dvc.lock schema {_short(schema)}")
         stages = lock.get("stages") or {}
     else:
         stages = lock  # dvc.lock 1.0 maps stage names straight to their entries
@@ -111,7 +125,7 @@ def parse_pipeline(yaml_text: str | bytes | None, lock_text: str | bytes, lockfi
         stage_spec = stage_spec if isinstance(stage_spec, dict) else {}
         wdir = stage_spec.get("wdir") or "."
         if not isinstance(wdir, str) or "${" in wdir:
-            parsed.skipped.append((f"{lockfile}:{name}", f"unsupported wdir {wdir!r}"))
+            parsed.skipped.append((f"{lockfile}:{name}", f"unsupported wdir {_short(wdir)}"))
             continue
         flags = _output_flags(stage_spec)
         outs = stage.get("outs") or []
@@ -127,51 +141,83 @@ def parse_dir_manifest(data: bytes, what: str) -> list[DirEntry]:
     """Entries of a `.dir` object; raises MetafileError if any entry is malformed or escapes."""
     try:
         items = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MetafileError(f"{what}: manifest is not valid JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the stack
+        raise MetafileError(f"{what}: manifest is not valid JSON ({_first_line(exc)})") from exc
     if not isinstance(items, list):
         raise MetafileError(f"{what}: manifest is not a JSON list")
     entries, seen = [], set()
-    for item in items:
+    items.reverse()
+    while items:  # popped, so a big manifest's decoded JSON and its entries are not all held at once
+        item = items.pop()
         if not isinstance(item, dict):
-            raise MetafileError(f"{what}: manifest entry is not an object: {item!r:.80}")
+            raise MetafileError(f"{what}: manifest entry is not an object: {_short(item)}")
         relpath, object_id = item.get("relpath"), item.get("md5")
         if not isinstance(relpath, str) or not is_safe_relpath(relpath):
-            raise MetafileError(f"{what}: unsafe relpath {relpath!r:.200} in manifest")
-        if not isinstance(object_id, str) or not _MD5.match(object_id):
-            raise MetafileError(f"{what}: bad md5 {object_id!r:.80} for {relpath!r}")
+            raise MetafileError(f"{what}: unsafe relpath {_short(relpath)} in manifest")
+        if not isinstance(object_id, str) or not _MD5.fullmatch(object_id):
+            raise MetafileError(f"{what}: bad md5 {_short(object_id)} for {relpath!r}")
         if relpath in seen:
             raise MetafileError(f"{what}: duplicate relpath {relpath!r} in manifest")
         seen.add(relpath)
-        size = item.get("size")
-        entries.append(DirEntry(relpath, object_id, item.get("isexec") is True,
-                                size if isinstance(size, int) and size >= 0 else None))
-    _check_no_file_is_a_parent(entries, what)
+        entries.append(DirEntry(relpath, object_id, item.get("isexec") is True, _size(item.get("size"))))
+    _check_no_file_is_a_parent(seen, what)
     return entries
 
 
 def is_safe_relpath(relpath: str) -> bool:
-    """A relative POSIX path with no empty, `.` or `..` component and no NUL."""
-    if not relpath or "\0" in relpath or relpath.startswith("/"):
+    """A relative POSIX path with no empty, `.` or `..` component and no NUL, that can be a file
+    name (no lone surrogate, which a JSON or YAML `\\ud800` escape can produce)."""
+    if not relpath or "\0" in relpath:
         return False
-    return all(part not in ("", ".", "..") for part in relpath.split("/"))
+    padded = f"/{relpath}/"  # every component is then between two slashes
+    if "//" in padded or "/./" in padded or "/../" in padded:
+        return False
+    return _is_file_name(relpath)
 
 
-def _check_no_file_is_a_parent(entries: list[DirEntry], what: str) -> None:
-    files = {entry.relpath for entry in entries}
-    for entry in entries:
-        parent = posixpath.dirname(entry.relpath)
-        while parent:
-            if parent in files:
-                raise MetafileError(f"{what}: {parent!r} is both a file and a directory in manifest")
-            parent = posixpath.dirname(parent)
+def _is_file_name(path: str) -> bool:
+    try:
+        path.encode("utf-8", "surrogateescape")  # os.fsencode on Linux
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_no_file_is_a_parent(files: set[str], what: str) -> None:
+    directories: set[str] = set()
+    for relpath in files:
+        end = relpath.rfind("/")
+        while end > 0 and relpath[:end] not in directories:  # an ancestor seen before: so were its own
+            directories.add(relpath[:end])
+            end = relpath.rfind("/", 0, end)
+    both = files & directories
+    if both:
+        raise MetafileError(f"{what}: {min(both)!r} is both a file and a directory in manifest")
 
 
 def _load_yaml(text: str | bytes, what: str):
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise MetafileError(f"{what}: malformed YAML ({str(exc).splitlines()[0]})") from exc
+        raise MetafileError(f"{what}: malformed YAML ({_first_line(exc)})") from exc
+    except (ValueError, LookupError, AttributeError, TypeError, OverflowError, RecursionError) as exc:
+        # PyYAML's constructors let these out for well-formed text naming an impossible value
+        # (the date 2001-02-30, an int of more than 4300 digits, `!!bool maybe`, `!!int ''`,
+        # `!!timestamp abc`), and its composer recurses once per level of nesting.
+        raise MetafileError(f"{what}: unreadable YAML ({type(exc).__name__}: {_first_line(exc)})") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _short(value) -> str:
+    """A repr of untrusted data, shortened without ever formatting all of it."""
+    return _SHORT.repr(value)
+
+
+def _size(value) -> int | None:
+    return value if type(value) is int and 0 <= value <= MAX_SIZE else None  # bool is no size
 
 
 def _output_flags(stage_spec: dict) -> dict[str, dict]:
@@ -195,13 +241,39 @@ def _import_source(deps, base: str, wdir: str) -> ImportSource | None:
     path = deps[0].get("path")
     if not isinstance(path, str):
         return None
-    return ImportSource(url=repo["url"], path=path, rev=_str_or_none(repo.get("rev")),
-                        rev_lock=_str_or_none(repo.get("rev_lock")), remote=repo.get("remote"),
-                        config=repo.get("config") if isinstance(repo.get("config"), dict) else None)
+    remote, config = repo.get("remote"), repo.get("config")
+    if not (remote is None or isinstance(remote, str) or (isinstance(remote, dict) and _is_plain(remote))):
+        raise MetafileError(f"import of {path!r}: bad remote {_short(remote)}")
+    return ImportSource(url=repo["url"], path=path, rev=_revision(repo.get("rev"), path),
+                        rev_lock=_revision(repo.get("rev_lock"), path), remote=remote,
+                        config=config if isinstance(config, dict) and _is_plain(config) else None)
 
 
-def _str_or_none(value) -> str | None:
-    return str(value) if value is not None else None
+def _revision(value, path: str) -> str | None:
+    # YAML 1.1 reads some revisions DVC wrote unquoted as numbers or dates (a tag `2024-01-31`).
+    if value is None or isinstance(value, (str, int, float, datetime.date)):
+        return None if value is None else str(value)
+    raise MetafileError(f"import of {path!r}: bad revision {_short(value)}")
+
+
+def _is_plain(value) -> bool:
+    """Nested mappings and lists of scalars, of at most _MAX_PLAIN_VALUES values in all (as
+    DVC's config options are); aliases may repeat a value, and each repetition counts."""
+    budget, pending = _MAX_PLAIN_VALUES, [value]
+    while pending:
+        budget -= 1
+        if budget < 0:
+            return False
+        item = pending.pop()
+        if isinstance(item, dict):
+            if not all(isinstance(key, (str, int, float, bool)) for key in item):
+                return False
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif not (item is None or isinstance(item, (str, int, float, bool))):
+            return False
+    return True
 
 
 def _add_output(parsed, raw, metafile, base, wdir, flags, import_source) -> None:
@@ -209,7 +281,7 @@ def _add_output(parsed, raw, metafile, base, wdir, flags, import_source) -> None
         parsed.outputs.append(_output(raw, metafile, base, wdir, flags, import_source))
     except MetafileError as exc:
         what = raw.get("path") if isinstance(raw, dict) else raw
-        parsed.skipped.append((f"{metafile}:{what}", str(exc)))
+        parsed.skipped.append((f"{metafile}:{what if isinstance(what, str) else _short(what)}", str(exc)))
 
 
 def _output(raw, metafile, base, wdir, flags, import_source) -> Output:
@@ -219,27 +291,32 @@ def _output(raw, metafile, base, wdir, flags, import_source) -> Output:
     if "://" in declared or declared.startswith("/"):
         raise MetafileError(f"external output {declared!r} is not part of the tree")
     if not isinstance(wdir, str):
-        raise MetafileError(f"bad wdir {wdir!r}")
+        raise MetafileError(f"bad wdir {_short(wdir)}")
+    if not declared:
+        raise MetafileError("output path is empty")
     path = posixpath.normpath(posixpath.join(base, wdir, declared))
     if path == "." or path == ".." or path.startswith(("../", "/")) or "\x00" in path:
         raise MetafileError(f"output path {declared!r} leaves the registry")
-    if path.split("/")[0] in (".git", ".dvc"):
+    if any(part in _RESERVED_DIRS for part in path.split("/")):
         raise MetafileError(f"output path {declared!r} is inside .git/ or .dvc/")
+    if not _is_file_name(path):
+        raise MetafileError(f"output path {declared!r} cannot be a file name")
     options = {**flags.get(posixpath.normpath(declared), {}), **raw}
     object_id = raw.get("md5")
     if object_id is not None and not (isinstance(object_id, str)
-                                      and (_MD5.match(object_id) or _DIR_MD5.match(object_id))):
-        raise MetafileError(f"bad md5 {object_id!r:.80}")
+                                      and (_MD5.fullmatch(object_id) or _DIR_MD5.fullmatch(object_id))):
+        raise MetafileError(f"bad md5 {_short(object_id)}")
     if "hash" in raw and raw["hash"] != HASH_MD5:
-        raise MetafileError(f"unknown hash {raw['hash']!r}")
-    size = raw.get("size")
+        raise MetafileError(f"unknown hash {_short(raw['hash'])}")
     remote = options.get("remote")
+    if remote is not None and (isinstance(remote, bool) or not isinstance(remote, (str, int, float))):
+        raise MetafileError(f"bad remote {_short(remote)}")
     return Output(
         path=path,
         object_id=object_id,
         hash_name=HASH_MD5 if raw.get("hash") == HASH_MD5 else HASH_LEGACY,
         metafile=metafile,
-        size=size if isinstance(size, int) and size >= 0 else None,
+        size=_size(raw.get("size")),
         is_exec=raw.get("isexec") is True,
         cache=options.get("cache", True) is not False,
         remote=str(remote).lower() if remote else None,
