@@ -65,6 +65,7 @@ class Operations(mfusepy.Operations):
         self._handle_ids = itertools.count(1)
         self._lock = threading.Lock()
         self._uid, self._gid = os.getuid(), os.getgid()
+        self._stats = view.stats
 
     def init(self, path: str) -> None:
         if self._on_ready is not None:
@@ -95,8 +96,7 @@ class Operations(mfusepy.Operations):
     @_translated
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         data = self._handles[fh].read(size, offset)
-        self._view.stats.add("reads")
-        self._view.stats.add("bytes_served", len(data))
+        self._stats.served(len(data))
         return data
 
     @_translated

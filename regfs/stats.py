@@ -21,6 +21,12 @@ class Stats:
         with self._lock:
             self._counts[name] += amount
 
+    def served(self, size: int) -> None:
+        """One read answered with `size` bytes (the FUSE read path: one lock, not two)."""
+        with self._lock:
+            self._counts["reads"] += 1
+            self._counts["bytes_served"] += size
+
     def fetched(self, remote: str, size: int, seconds: float) -> None:
         with self._lock:
             self._counts["objects_fetched"] += 1
