@@ -15,10 +15,8 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +30,7 @@ from regfs.cachectl import format_size, parse_size
 from regfs.errors import UsageError
 from tests.mounting import run_cli
 from tests.registry import Registry, random_bytes
+from tests.test_server import public_dir  # noqa: F401 (the fixture: a /tmp directory all users enter)
 from tests.trees import assert_same_tree, cache_objects, md5_hex, object_path, snapshot
 
 SHARDS = 16
@@ -504,18 +503,7 @@ def test_verify_drops_corrupt_objects_of_both_layouts(dataset, legacy, tools, mo
 # -- a group-shared cache ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A directory every user can traverse (pytest's own tmp dirs are 0700 to root)."""
-    path = Path(tempfile.mkdtemp(prefix="regfs-public-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def test_group_members_evict_each_others_objects(tools, public_dir):
+def test_group_members_evict_each_others_objects(tools, public_dir):  # noqa: F811 (the fixture)
     """`--shared group`: one member's gc evicts objects another member's regfs fetched; the index
     stays writable for both; the first member reads on, fetching again."""
     group, users = 4310, (4311, 4312)
