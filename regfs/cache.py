@@ -115,6 +115,7 @@ class ObjectCache:
         return os.path.join(self.directory, ref.relpath)
 
     def find(self, ref: ObjectRef) -> str | None:
+        """The object's path if it is in the cache; finding it counts as a use (for eviction)."""
         path = self.path(ref)
         if not os.path.isfile(path):
             return None
