@@ -3,30 +3,40 @@
 `<dir>/files/md5/ab/cdef...` for DVC 3 objects, `<dir>/ab/cdef...` for legacy (DVC 2) objects,
 `.dir` manifests beside them; mode 0444, as DVC writes them. So a DVC cache directory can be used
 as regfs's cache and the other way round. regfs's own state lives in `<dir>/regfs/`, which DVC
-never looks at (its name is not a two-hex-digit prefix).
+never looks at (its name is not a two-hex-digit prefix): `tmp/` (downloads in progress), `locks/`,
+and the sqlite indexes of `regfs.cacheindex`.
 
 Invariants: an object becomes visible at its final path only by an atomic rename after its bytes
 were verified against its id; one object is written by one process at a time (an flock on a
 per-object lock file), so concurrent readers in any number of processes cause one download.
+An object is removed (evicted, or dropped as corrupt) only while its lock is held, so never while
+it is being downloaded, and never while this process holds it open (`hold`). Another process may
+have it open: unlink(2) removes the name only and its descriptor keeps reading the same bytes; a
+reader that found the path but had not opened it yet fetches the object again.
 """
 
 import contextlib
 import fcntl
 import logging
 import os
-import sqlite3
+import re
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from regfs.dvcmeta import HASH_LEGACY
+from regfs.cacheindex import SizeIndex, UsageIndex
+from regfs.dvcmeta import HASH_LEGACY, HASH_MD5
 from regfs.errors import IntegrityError, RegfsError
 from regfs.hashing import StreamHasher
 
 logger = logging.getLogger(__name__)
 
 _TMP_SEPARATOR = "~"  # temporary files are named <object id>~<random>
+_OPEN_ATTEMPTS = 5
+_PREFIX = re.compile(r"[0-9a-f]{2}")  # fullmatch: `<dir>/ab/...`
+_REST = re.compile(r"[0-9a-f]{30}(\.dir)?")  # anything else there (DVC's `*.tmp` files) is no object
 
 
 @dataclass(frozen=True)
@@ -59,30 +69,58 @@ class ObjectWriter:
         self.size += len(data)
 
 
+@dataclass(frozen=True)
+class CachedObject:
+    """An object found on disk in the cache, whoever wrote it."""
+
+    ref: ObjectRef
+    size: int
+    mtime: float
+
+
+class CacheWatcher:
+    """Told about changes that may move the cache across a size cap (the evictor is one)."""
+
+    def installed(self, size: int) -> None:
+        pass
+
+    def released(self) -> None:
+        pass
+
+
 class ObjectCache:
     def __init__(self, directory: str, shared_group: bool = False):
         self.directory = os.path.abspath(directory)
         self.state_dir = os.path.join(self.directory, "regfs")
-        self._tmp_dir = os.path.join(self.state_dir, "tmp")
+        self.tmp_dir = os.path.join(self.state_dir, "tmp")
         self._lock_dir = os.path.join(self.state_dir, "locks")
-        for path in (self._tmp_dir, self._lock_dir):
+        for path in (self.tmp_dir, self._lock_dir):
             os.makedirs(path, exist_ok=True)
         if shared_group:
             # As DVC's `cache.shared = group`: setgid directories (their subdirectories inherit the
             # group and the bit), and the caller's umask 002 keeps new files group-writable.
-            for path in (self.directory, self.state_dir, self._tmp_dir, self._lock_dir):
+            for path in (self.directory, self.state_dir, self.tmp_dir, self._lock_dir):
                 _share_with_group(path)
         self.sizes = SizeIndex(os.path.join(self.state_dir, "sizes.sqlite"))
+        self.usage = UsageIndex(os.path.join(self.state_dir, "usage.sqlite"))
         if shared_group:
             # sqlite creates its files 0644 whatever the umask; its -wal/-shm files copy this mode.
-            _share_with_group(self.sizes.path, 0o664)
+            for index in (self.sizes, self.usage):
+                _share_with_group(index.path, 0o664)
+        self.watcher = CacheWatcher()
+        self._held: dict[ObjectRef, int] = {}  # objects open in this process, and how many times
+        self._held_lock = threading.Lock()
 
     def path(self, ref: ObjectRef) -> str:
         return os.path.join(self.directory, ref.relpath)
 
     def find(self, ref: ObjectRef) -> str | None:
+        """The object's path if it is in the cache; finding it counts as a use (for eviction)."""
         path = self.path(ref)
-        return path if os.path.isfile(path) else None
+        if not os.path.isfile(path):
+            return None
+        self.usage.touch(ref.relpath)
+        return path
 
     def size(self, ref: ObjectRef) -> int | None:
         try:
@@ -93,16 +131,15 @@ class ObjectCache:
     def install(self, ref: ObjectRef, fill: Callable[[ObjectWriter], None]) -> str:
         """The object's cache path, calling `fill` to download it unless another process did."""
         target = self.path(ref)
-        if os.path.isfile(target):
-            return target
-        with self._locked(ref):
-            if os.path.isfile(target):
-                return target
-            self._download(ref, fill, target)
+        if not os.path.isfile(target):
+            with self._locked(ref):
+                if not os.path.isfile(target):
+                    self._download(ref, fill, target)
+        self.usage.touch(ref.relpath)
         return target
 
     def _download(self, ref: ObjectRef, fill, target: str) -> None:
-        fd, tmp_path = tempfile.mkstemp(dir=self._tmp_dir, prefix=ref.object_id + _TMP_SEPARATOR)
+        fd, tmp_path = tempfile.mkstemp(dir=self.tmp_dir, prefix=ref.object_id + _TMP_SEPARATOR)
         try:
             hasher = StreamHasher(ref.hash_name)
             with os.fdopen(fd, "wb") as file:
@@ -116,15 +153,83 @@ class ObjectCache:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.replace(tmp_path, target)
             self.sizes.put(ref, writer.size)
+            self.watcher.installed(writer.size)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_path)
+
+    def open(self, ref: ObjectRef, locate: Callable[[], str]) -> int:
+        """A read-only descriptor of the object at the path `locate` gives (fetching it if need be).
+        Another process may evict the object between `locate` and the open: then locate it again."""
+        for _ in range(_OPEN_ATTEMPTS):
+            try:
+                return os.open(locate(), os.O_RDONLY)
+            except FileNotFoundError:
+                logger.debug("object %s was evicted before it could be opened; fetching it again", ref.object_id)
+        raise RegfsError(f"object {ref.object_id} was evicted from the cache {_OPEN_ATTEMPTS} times before "
+                         f"it could be opened; is another process evicting everything (a cache size of 0)?")
+
+    def hold(self, ref: ObjectRef) -> None:
+        """Keep `ref` from being removed by this process (it is open here) until `release`."""
+        with self._held_lock:
+            self._held[ref] = self._held.get(ref, 0) + 1
+
+    def release(self, ref: ObjectRef) -> None:
+        with self._held_lock:
+            count = self._held.pop(ref) - 1
+            if count:
+                self._held[ref] = count
+        self.watcher.released()
+
+    def objects(self) -> Iterator[CachedObject]:
+        """Every object on disk, in both layouts, whoever wrote it (regfs, DVC)."""
+        for hash_name, base in ((HASH_MD5, os.path.join(self.directory, "files", "md5")),
+                                (HASH_LEGACY, self.directory)):
+            for prefix in _names(base):
+                if not _PREFIX.fullmatch(prefix):
+                    continue
+                for name in _names(os.path.join(base, prefix)):
+                    if not _REST.fullmatch(name):
+                        continue
+                    try:
+                        info = os.stat(os.path.join(base, prefix, name), follow_symlinks=False)
+                    except FileNotFoundError:  # removed since the listing
+                        continue
+                    if stat.S_ISREG(info.st_mode):
+                        yield CachedObject(ObjectRef(prefix + name, hash_name), info.st_size, info.st_mtime)
+
+    def temporary_files(self) -> list[int]:
+        """Sizes of the files in regfs/tmp: downloads in progress, or of a writer that died."""
+        sizes = []
+        for name in _names(self.tmp_dir):
+            with contextlib.suppress(FileNotFoundError):
+                sizes.append(os.stat(os.path.join(self.tmp_dir, name)).st_size)
+        return sizes
+
+    def remove(self, ref: ObjectRef, wait: bool = False, same_as: os.stat_result | None = None) -> bool:
+        """Unlink an object, unless this process holds it, or its lock is taken (a download; with
+        `wait`, wait for the lock instead), or it is not the file `same_as` describes. True if the
+        object is gone. Raises OSError if the file cannot be removed (permissions)."""
+        with self._locked(ref, wait) as locked:
+            if not locked:
+                return False
+            with self._held_lock:  # a `hold` comes before the holder's open, or after this unlink
+                if ref in self._held:
+                    return False
+                path = self.path(ref)
+                try:
+                    if same_as is not None and not os.path.samestat(os.stat(path), same_as):
+                        return False
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass  # removed by someone else meanwhile
+        return True
 
     def remove_stale_downloads(self) -> int:
         """Remove temporary files of downloads whose writer died (killed mid-download): a live
         writer holds its object's lock, so a temporary file whose lock is free is garbage."""
         removed = 0
-        for name in os.listdir(self._tmp_dir):
+        for name in os.listdir(self.tmp_dir):
             object_id = name.split(_TMP_SEPARATOR, 1)[0]
             lock_path = os.path.join(self._lock_dir, object_id + ".lock")
             try:
@@ -134,7 +239,7 @@ class ObjectCache:
             try:
                 if fd is not None:
                     fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                os.unlink(os.path.join(self._tmp_dir, name))
+                os.unlink(os.path.join(self.tmp_dir, name))
                 removed += 1
             except (BlockingIOError, FileNotFoundError):
                 continue  # being written right now, or already gone
@@ -144,26 +249,41 @@ class ObjectCache:
         return removed
 
     @contextlib.contextmanager
-    def _locked(self, ref: ObjectRef) -> Iterator[None]:
-        """An exclusive flock on the object's lock file; the file is removed while still held."""
+    def _locked(self, ref: ObjectRef, wait: bool = True) -> Iterator[bool]:
+        """An exclusive flock on the object's lock file; the file is removed while still held.
+        Without `wait`, gives False at once if another process holds it."""
         path = os.path.join(self._lock_dir, ref.object_id + ".lock")
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides who shares it
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
                 # Another holder may have unlinked the file between our open and our flock.
                 if _same_file(fd, path):
                     break
+            except BlockingIOError:
+                os.close(fd)
+                fd = None
+                break
             except BaseException:
                 os.close(fd)
                 raise
             os.close(fd)
+        if fd is None:
+            yield False
+            return
         try:
-            yield
+            yield True
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             os.close(fd)
+
+
+def _names(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _share_with_group(path: str, mode: int = 0o2775) -> None:
@@ -177,51 +297,3 @@ def _same_file(fd: int, path: str) -> bool:
         return os.path.samestat(os.fstat(fd), os.stat(path))
     except FileNotFoundError:
         return False
-
-
-class SizeIndex:
-    """Persistent object sizes (an object's size never changes), shared by processes via sqlite."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._local = threading.local()
-        with self._connection() as connection:
-            connection.execute("CREATE TABLE IF NOT EXISTS sizes (object TEXT PRIMARY KEY, size INTEGER)")
-
-    def _connection(self) -> sqlite3.Connection:
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            try:
-                connection = sqlite3.connect(self.path, timeout=30)
-                connection.execute("PRAGMA journal_mode=WAL")
-            except sqlite3.Error as exc:
-                raise RegfsError(f"cannot open size index {self.path}: {exc}") from exc
-            self._local.connection = connection
-        return connection
-
-    def get_many(self, refs: list[ObjectRef]) -> dict[ObjectRef, int]:
-        found = {}
-        try:
-            connection = self._connection()
-            for start in range(0, len(refs), 500):
-                batch = {ref.relpath: ref for ref in refs[start:start + 500]}
-                marks = ",".join("?" * len(batch))
-                rows = connection.execute(f"SELECT object, size FROM sizes WHERE object IN ({marks})", list(batch))
-                found.update((batch[key], size) for key, size in rows)
-        except sqlite3.Error as exc:  # a lost index costs remote lookups, never data
-            logger.warning("cannot read object sizes from %s: %s", self.path, exc)
-        return found
-
-    def put(self, ref: ObjectRef, size: int) -> None:
-        self.put_many({ref: size})
-
-    def put_many(self, sizes: dict[ObjectRef, int]) -> None:
-        if not sizes:
-            return
-        try:
-            with self._connection() as connection:
-                connection.executemany("INSERT OR REPLACE INTO sizes VALUES (?, ?)",
-                                       [(ref.relpath, size) for ref, size in sizes.items()])
-        except sqlite3.Error as exc:
-            # The index only saves round trips: losing an entry costs a remote lookup, not data.
-            logger.warning("cannot record object sizes in %s: %s", self.path, exc)

@@ -1,4 +1,4 @@
-"""The `regfs` command line: mount, umount, ls, get, cat.
+"""The `regfs` command line: mount, umount, status, stats, ls, get, cat, cache.
 
 Prints one clear line per error (`regfs: error: ...`) and exits non-zero; a traceback only with
 --debug. Logging goes to stderr (the daemon's stderr is its log file).
@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let other users read the mount (FUSE allow_other; modes still apply)")
     mount.add_argument("-o", dest="mount_options", action="append", default=[], metavar="OPTIONS",
                        help="mount(8)-style options: allow_other, cache_dir=DIR, refresh=SECONDS, remote=NAME, "
-                            "remote_config=NAME.KEY=VALUE, log_file=PATH, shared=group, debug")
+                            "remote_config=NAME.KEY=VALUE, log_file=PATH, shared=group, cache_size=SIZE, debug")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    _add_cache_size(mount)
     _add_common(mount)
 
     umount = commands.add_parser("umount", help="unmount and wait for the daemon to exit")
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print a JSON list of entries")
     _add_common(ls)
     _add_copy_commands(commands)
+    _add_cache_commands(commands)
     return parser
 
 
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             return _stats(args.mountpoint, args.json)
         if args.command in ("get", "cat"):
             return _copy_command(args)
+        if args.command == "cache":
+            return _cache_command(args)
         return _ls(args)
     except (RegfsError, ValueError) as exc:
         if args.debug:
@@ -126,7 +130,8 @@ def _mount(args, argv: list[str]) -> int:
     options = MountOptions(address=parse_address(args.source), mountpoint=os.path.abspath(args.mountpoint),
                            cache_dir=cache_dir, refresh=args.refresh, remote=args.remote,
                            remote_config=args.remote_config, log_file=args.log_file, debug=args.debug,
-                           allow_other=args.allow_other, shared_group=args.shared == "group")
+                           allow_other=args.allow_other, shared_group=args.shared == "group",
+                           cache_size=_cache_size(args))
     overrides(args.remote, args.remote_config)  # reject malformed options before daemonizing
     if args.foreground:
         if args.log_file and args.ready_fd is None:  # a spawned daemon's stderr is its log already
@@ -136,12 +141,12 @@ def _mount(args, argv: list[str]) -> int:
     return spawn([*argv, "--cache-dir", cache_dir], options)
 
 
-_COMMANDS = ("mount", "umount", "ls", "status", "stats", "get", "cat")
+_COMMANDS = ("mount", "umount", "ls", "status", "stats", "get", "cat", "cache")
 # Generic mount(8) options that mean nothing more for a read-only FUSE mount (mount.fuse3(8)).
 _GENERIC_MOUNT_OPTIONS = {"rw", "ro", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev",
                           "nofail", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
                           "relatime", "async", "sync", "default_permissions"}
-_VALUED_MOUNT_OPTIONS = {"cache_dir", "refresh", "remote", "remote_config", "log_file", "shared"}
+_VALUED_MOUNT_OPTIONS = {"cache_dir", "refresh", "remote", "remote_config", "log_file", "shared", "cache_size"}
 
 
 def expand_mount_options(argv: list[str]) -> list[str]:
@@ -264,3 +269,76 @@ def _copy_command(args) -> int:
     except BrokenPipeError:  # `regfs cat ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
+
+
+def _add_cache_size(mount: argparse.ArgumentParser) -> None:
+    mount.add_argument("--cache-size", metavar="SIZE",
+                       help="keep the cache's objects under SIZE (500M, 20G, 1.5T, bytes): evict the least "
+                            "recently used")
+
+
+def _cache_size(args) -> int | None:
+    from regfs.cachectl import parse_size
+
+    return None if args.cache_size is None else parse_size(args.cache_size)
+
+
+def _add_cache_commands(commands) -> None:
+    cache = commands.add_parser("cache", help="the object cache: status, gc, verify")
+    actions = cache.add_subparsers(dest="cache_command", required=True)
+    status = actions.add_parser("status", help="objects, bytes, temporary files, bytes per remote")
+    status.add_argument("--json", action="store_true")
+    gc = actions.add_parser("gc", help="evict least recently used objects down to SIZE (safe while mounts run)")
+    gc.add_argument("--max-size", required=True, metavar="SIZE", help="500M, 20G, 1.5T, or bytes (0: all)")
+    gc.add_argument("-v", "--verbose", action="store_true", help="print each evicted object")
+    verify = actions.add_parser("verify", help="re-hash every object, drop corrupt ones (exit 1 if any)")
+    verify.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
+                        help="objects hashed at once (default: the number of CPUs)")
+    for action in (status, gc, verify):
+        action.add_argument("--cache-dir", default=None, help="the cache (default $REGFS_CACHE_DIR or ~/.cache/regfs)")
+        action.add_argument("--shared", choices=["group"], help="a cache shared with the group (umask 002)")
+        action.add_argument("--debug", action="store_true")
+
+
+def _cache_command(args) -> int:
+    from regfs import cachectl
+
+    cache = cachectl.open_cache(os.path.abspath(args.cache_dir or default_cache_dir()), args.shared == "group")
+    if args.cache_command == "status":
+        return _cache_status(cachectl.status(cache), args.json)
+    if args.cache_command == "gc":
+        return _cache_gc(cachectl.evict(cache, cachectl.parse_size(args.max_size)), args.verbose)
+    bad = checked = 0
+    for outcome in cachectl.verify(cache, args.jobs):
+        checked += 1
+        if not outcome.ok:
+            bad += 1
+            print(f"{'dropped ' if outcome.dropped else ''}{outcome.item.ref.relpath}: {outcome.problem}")
+    print(f"verified {checked} objects: {bad} bad", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _cache_status(report: dict, as_json: bool) -> int:
+    from regfs.cachectl import format_size
+
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"cache            {report['cache_dir']}")
+    print(f"objects          {report['objects']}, {format_size(report['bytes'])} ({report['bytes']} bytes)")
+    print(f"temporary files  {report['temporary_files']}, {format_size(report['temporary_bytes'])}")
+    for origin, entry in [*report["remotes"].items(), ("unknown origin", report["unknown_origin"])]:
+        print(f"  {origin}: {entry['objects']} objects, {format_size(entry['bytes'])}")
+    return 0
+
+
+def _cache_gc(result, verbose: bool) -> int:
+    from regfs.cachectl import format_size
+
+    for item in result.removed if verbose else ():
+        print(f"evicted {item.ref.relpath} ({item.size} bytes)")
+    print(f"evicted {len(result.removed)} objects ({format_size(result.removed_bytes)}); the cache holds "
+          f"{result.objects} objects, {format_size(result.bytes)}")
+    for failure in result.failures:
+        print(f"regfs: error: cannot evict {failure}", file=sys.stderr)
+    return 1 if result.failures else 0

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from regfs.address import Address
+from regfs.cachectl import Evictor, format_size
 from regfs.dvcconfig import Config, parse_override
 from regfs.errors import RegfsError, UsageError
 from regfs.namespace import MountView
@@ -42,6 +43,7 @@ class MountOptions:
     debug: bool = False
     allow_other: bool = False
     shared_group: bool = False
+    cache_size: int | None = None  # bytes; None: no cap
 
 
 def overrides(remote: str | None, remote_config: list[str]) -> Config:
@@ -143,6 +145,9 @@ def serve(options: MountOptions, ready_fd: int | None = None) -> int:
     if pinned is None and options.refresh > 0:
         threading.Thread(target=_refresh_loop, args=(view, options.refresh, stop), daemon=True,
                          name="regfs-refresh").start()
+    if options.cache_size is not None:
+        logger.info("keeping the cache under %s (LRU eviction)", format_size(options.cache_size))
+        Evictor(context.cache, options.cache_size).start(stop)
     try:
         fuse.mount(view, options.mountpoint, f"regfs:{registry.url}", on_ready=report.ready,
                    debug=options.debug, allow_other=options.allow_other)

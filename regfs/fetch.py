@@ -39,6 +39,7 @@ class Fetcher:
             downloads.append(time.monotonic())
             for chunk in remote.stream(ref.relpath):
                 writer.write(chunk)
+            downloads.append(writer.size)
 
         path = self.cache.find(ref)
         if path is not None:
@@ -52,7 +53,9 @@ class Fetcher:
             self.stats.remote_failed(remote.describe())
             raise type(exc)(f"cannot fetch object {ref.object_id}: {exc}") from exc
         if downloads:  # not when another thread or process downloaded it while we waited
-            size, seconds = os.path.getsize(path), time.monotonic() - downloads[0]
+            started, size = downloads  # the size as downloaded: the object may be evicted already
+            seconds = time.monotonic() - started
+            self.cache.usage.set_origin(ref.relpath, remote.describe())
             self.stats.fetched(remote.describe(), size, seconds)
             logger.info("fetched %s (%d bytes) from %s in %.2fs", ref.object_id, size, remote.describe(),
                         seconds)
@@ -66,8 +69,8 @@ class Fetcher:
         with self._manifest_lock:
             entries = self._manifests.get(ref)
         if entries is None:
-            path = self.cache.find(ref) or self.fetch(ref, remote_of())
-            with open(path, "rb") as file:
+            fd = self.cache.open(ref, lambda: self.cache.find(ref) or self.fetch(ref, remote_of()))
+            with os.fdopen(fd, "rb") as file:
                 entries = parse_dir_manifest(file.read(), f"manifest {ref.object_id}")
             with self._manifest_lock:
                 self._manifests[ref] = entries
@@ -113,6 +116,10 @@ class ObjectStore:
             return cached
         self._fetcher.stats.add("cache_misses")
         return self._fetcher.fetch(ref, self.remote())
+
+    @property
+    def cache(self) -> ObjectCache:
+        return self._fetcher.cache
 
     def url(self, ref: ObjectRef) -> str:
         """Where the object lives on its remote (a path for a local remote)."""

@@ -185,7 +185,11 @@ class BytesReader(FileReader):
 
 
 class ObjectReader(FileReader):
-    """Reads a cached object with pread; the object is fetched on the first read, not at open."""
+    """Reads a cached object with pread; the object is fetched on the first read, not at open.
+
+    While open, the object is held in the cache, so this process's evictor leaves it alone; another
+    process (`regfs cache gc`, another mount) may unlink it, and the descriptor keeps reading.
+    """
 
     def __init__(self, node: ObjectNode):
         self._node = node
@@ -198,11 +202,16 @@ class ObjectReader(FileReader):
             if self._error is not None:
                 raise self._error  # the kernel retries failed reads: fail them alike, fetch once
             if self._fd is None:
+                store, ref = self._node.store, self._node.ref
+                store.cache.hold(ref)  # before the lookup: an eviction afterwards cannot pick it
                 try:
-                    self._fd = os.open(self._node.store.path(self._node.ref), os.O_RDONLY)
+                    self._fd = store.cache.open(ref, lambda: store.path(ref))
                 except RegfsError as exc:
                     self._error = exc
                     raise
+                finally:
+                    if self._fd is None:
+                        store.cache.release(ref)
             return self._fd
 
     def read(self, size: int, offset: int) -> bytes:
@@ -213,6 +222,7 @@ class ObjectReader(FileReader):
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+                self._node.store.cache.release(self._node.ref)
 
 
 class LazyReader(FileReader):

@@ -1,0 +1,176 @@
+"""The cache's sqlite indexes in `<cache-dir>/regfs/`, shared by every process using the cache.
+
+`SizeIndex` (`sizes.sqlite`): object sizes, so listings need no download. `UsageIndex`
+(`usage.sqlite`): when each object was last used and which remote regfs fetched it from, for LRU
+eviction and `regfs cache status`. Rows are keyed by the object's path below the cache
+(`files/md5/ab/cdef...`), so DVC 3 and legacy objects of one id stay apart.
+
+Both are hints, never the truth about the cache: an object may be on disk without a row (DVC
+wrote it) or have a row and be gone (evicted, `dvc gc`). A broken index degrades (a logged
+warning, a remote lookup, an mtime instead of a last use), it never fails a read. Uses are kept
+in memory and written by one background thread every few seconds, so reads never wait on sqlite.
+"""
+
+import atexit
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+
+from regfs.errors import RegfsError
+
+logger = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 2.0  # how long a use may wait in memory before it is written
+_BATCH = 500  # sqlite allows 999 parameters per statement in old builds
+_ERRORS = (sqlite3.Error, RegfsError)  # a database that cannot be opened, or a failed statement
+
+
+class _SqliteIndex:
+    """One sqlite database, one connection per thread (sqlite connections are not shareable)."""
+
+    def __init__(self, path: str, schema: tuple[str, ...]):
+        self.path = path
+        self._local = threading.local()
+        with self._connection() as connection:
+            for statement in schema:
+                connection.execute(statement)
+
+    def _connection(self) -> sqlite3.Connection:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            try:
+                connection = sqlite3.connect(self.path, timeout=30)
+                connection.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.Error as exc:
+                raise RegfsError(f"cannot open cache index {self.path}: {exc}") from exc
+            self._local.connection = connection
+        return connection
+
+    def _select(self, query: str, keys: list[str]) -> list[tuple]:
+        """`query` (with `{marks}` for an IN list) run over `keys` in batches."""
+        rows = []
+        connection = self._connection()
+        for start in range(0, len(keys), _BATCH):
+            batch = keys[start:start + _BATCH]
+            rows += connection.execute(query.format(marks=",".join("?" * len(batch))), batch).fetchall()
+        return rows
+
+    def _delete(self, tables: tuple[str, ...], keys: list[str]) -> None:
+        with self._connection() as connection:
+            for start in range(0, len(keys), _BATCH):
+                batch = keys[start:start + _BATCH]
+                marks = ",".join("?" * len(batch))
+                for table in tables:
+                    connection.execute(f"DELETE FROM {table} WHERE object IN ({marks})", batch)
+
+
+class SizeIndex(_SqliteIndex):
+    """Persistent object sizes (an object's size never changes)."""
+
+    def __init__(self, path: str):
+        super().__init__(path, ("CREATE TABLE IF NOT EXISTS sizes (object TEXT PRIMARY KEY, size INTEGER)",))
+
+    def get_many(self, refs: list) -> dict:
+        by_key = {ref.relpath: ref for ref in refs}
+        try:
+            rows = self._select("SELECT object, size FROM sizes WHERE object IN ({marks})", list(by_key))
+        except _ERRORS as exc:  # a lost index costs remote lookups, never data
+            logger.warning("cannot read object sizes from %s: %s", self.path, exc)
+            return {}
+        return {by_key[key]: size for key, size in rows}
+
+    def put(self, ref, size: int) -> None:
+        self.put_many({ref: size})
+
+    def put_many(self, sizes: dict) -> None:
+        if not sizes:
+            return
+        try:
+            with self._connection() as connection:
+                connection.executemany("INSERT OR REPLACE INTO sizes VALUES (?, ?)",
+                                       [(ref.relpath, size) for ref, size in sizes.items()])
+        except _ERRORS as exc:
+            # The index only saves round trips: losing an entry costs a remote lookup, not data.
+            logger.warning("cannot record object sizes in %s: %s", self.path, exc)
+
+    def forget(self, relpaths: list[str]) -> None:
+        """Drop sizes that may have been learned from a corrupt cached copy."""
+        try:
+            self._delete(("sizes",), relpaths)
+        except _ERRORS as exc:
+            logger.warning("cannot remove object sizes from %s: %s", self.path, exc)
+
+
+class UsageIndex(_SqliteIndex):
+    """Last use (a Unix time) and origin (a remote's description: name and URL) of objects."""
+
+    def __init__(self, path: str):
+        super().__init__(path, ("CREATE TABLE IF NOT EXISTS last_use (object TEXT PRIMARY KEY, used REAL)",
+                                "CREATE TABLE IF NOT EXISTS origin (object TEXT PRIMARY KEY, remote TEXT)"))
+        self._pending: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._flusher_pid: int | None = None  # a forked child starts its own flusher
+        self._owner_pid = os.getpid()
+        atexit.register(self._flush_at_exit)
+
+    def touch(self, relpath: str) -> None:
+        """Record a use now; written within FLUSH_SECONDS by this process's flusher thread."""
+        with self._lock:
+            self._pending[relpath] = time.time()
+            if self._flusher_pid != os.getpid():
+                self._flusher_pid = os.getpid()
+                threading.Thread(target=self._flush_loop, daemon=True, name="regfs-usage").start()
+
+    def _flush_loop(self) -> None:
+        while True:
+            time.sleep(FLUSH_SECONDS)
+            self.flush()
+
+    def _flush_at_exit(self) -> None:
+        if os.getpid() == self._owner_pid:  # not in a forked child: its parent owns these uses
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the uses kept in memory (the evictor calls this before it orders objects)."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        try:
+            with self._connection() as connection:
+                # A use never moves back in time, whichever process writes last.
+                connection.executemany(
+                    "INSERT INTO last_use VALUES (?, ?) ON CONFLICT(object) "
+                    "DO UPDATE SET used = max(used, excluded.used)", list(pending.items()))
+        except _ERRORS as exc:  # eviction falls back on mtimes: a worse order, no lost data
+            logger.warning("cannot record object uses in %s: %s", self.path, exc)
+
+    def set_origin(self, relpath: str, remote: str) -> None:
+        try:
+            with self._connection() as connection:
+                connection.execute("INSERT OR REPLACE INTO origin VALUES (?, ?)", (relpath, remote))
+        except _ERRORS as exc:
+            logger.warning("cannot record the origin of %s in %s: %s", relpath, self.path, exc)
+
+    def last_uses(self) -> dict[str, float]:
+        return self._table("SELECT object, used FROM last_use")
+
+    def origins(self) -> dict[str, str]:
+        return self._table("SELECT object, remote FROM origin")
+
+    def _table(self, query: str) -> dict:
+        try:
+            return dict(self._connection().execute(query).fetchall())
+        except _ERRORS as exc:
+            logger.warning("cannot read %s: %s", self.path, exc)
+            return {}
+
+    def forget(self, relpaths: Iterable[str]) -> None:
+        """Drop the rows of objects that left the cache."""
+        try:
+            self._delete(("last_use", "origin"), list(relpaths))
+        except _ERRORS as exc:
+            logger.warning("cannot remove rows from %s: %s", self.path, exc)
