@@ -1,4 +1,4 @@
-"""The `regfs` command line: mount, umount, status, stats, ls, get, cat, cache.
+"""The `regfs` command line: mount, umount, status, stats, ls, get, cat, prefetch, cache.
 
 Prints one clear line per error (`regfs: error: ...`) and exits non-zero; a traceback only with
 --debug. Logging goes to stderr (the daemon's stderr is its log file).
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ls)
     _add_copy_commands(commands)
     _add_cache_commands(commands)
+    _add_prefetch_command(commands)
     return parser
 
 
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             return _copy_command(args)
         if args.command == "cache":
             return _cache_command(args)
+        if args.command == "prefetch":
+            return _prefetch(args)
         return _ls(args)
     except (RegfsError, ValueError) as exc:
         if args.debug:
@@ -141,7 +144,7 @@ def _mount(args, argv: list[str]) -> int:
     return spawn([*argv, "--cache-dir", cache_dir], options)
 
 
-_COMMANDS = ("mount", "umount", "ls", "status", "stats", "get", "cat", "cache")
+_COMMANDS = ("mount", "umount", "ls", "status", "stats", "get", "cat", "prefetch", "cache")
 # Generic mount(8) options that mean nothing more for a read-only FUSE mount (mount.fuse3(8)).
 _GENERIC_MOUNT_OPTIONS = {"rw", "ro", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev",
                           "nofail", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -342,3 +345,39 @@ def _cache_gc(result, verbose: bool) -> int:
     for failure in result.failures:
         print(f"regfs: error: cannot evict {failure}", file=sys.stderr)
     return 1 if result.failures else 0
+
+
+def _add_prefetch_command(commands) -> None:
+    from regfs.prefetch import DEFAULT_JOBS
+
+    prefetch = commands.add_parser(
+        "prefetch", help="fetch files into the cache before they are read (paths in a mount, or URL@REV PATH...)",
+        usage="%(prog)s [options] PATH...  |  URL@REV PATH...  |  --files-from FILE (PATH | URL@REV [PATH])")
+    prefetch.add_argument("targets", nargs="+", metavar="TARGET",
+                          help="files or directories inside a regfs mount; or URL@REV and paths in that revision")
+    prefetch.add_argument("--files-from", metavar="FILE",
+                          help="the files to fetch, one path a line relative to the one PATH (or to URL@REV), "
+                               "fetched in this order; '-' reads standard input")
+    prefetch.add_argument("-j", "--jobs", type=int, default=DEFAULT_JOBS,
+                          help=f"files fetched at a time (default {DEFAULT_JOBS})")
+    prefetch.add_argument("--progress-interval", type=float, default=10.0, metavar="SECONDS",
+                          help="when stderr is not a terminal, a progress line at most this often "
+                               "(default 10; 0: after every file)")
+    _add_common(prefetch)
+
+
+def _prefetch(args) -> int:
+    from regfs import copy, prefetch
+
+    logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    cache_dir, shared_group = os.path.abspath(args.cache_dir or default_cache_dir()), args.shared == "group"
+    given = [option for option, value in (("--cache-dir", args.cache_dir), ("--remote", args.remote),
+                                          ("--remote-config", args.remote_config), ("--shared", args.shared))
+             if value]
+    progress = copy.Progress(sys.stderr, live=sys.stderr.isatty(), label="regfs: prefetch: ", verb="fetched",
+                             every=args.progress_interval)
+    return prefetch.run(args.targets, args.files_from, args.jobs, progress,
+                        lambda address: copy.open_revision(address, cache_dir,
+                                                           overrides(args.remote, args.remote_config),
+                                                           shared_group),
+                        given)

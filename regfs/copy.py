@@ -271,47 +271,120 @@ def _remove(path: str) -> None:
 
 
 class Progress:
-    """Counts files and bytes of a copy; on a terminal (`live`) redraws one status line at most
-    ten times a second; at the end writes one summary line. `stream=None`: silent."""
+    """Counts the files and bytes of a copy or a prefetch and shows them on `stream`.
 
-    def __init__(self, stream, live: bool = False, label: str = ""):
-        self._stream, self._live, self._label = stream, live, label
+    On a terminal (`live`) one status line is redrawn at most ten times a second; elsewhere, with
+    `every`, a plain line is written when a file is done and `every` seconds have passed since the
+    last one; at the end, one summary line.
+    `stream=None`: silent. Files already local (`skip`) and failed ones (`fail`) count towards the
+    total but not towards the rate, so the ETA is the time the remaining bytes take at the rate
+    seen so far. While `counting`, totals still grow (a walk or a list still being read).
+    """
+
+    def __init__(self, stream, live: bool = False, label: str = "", verb: str = "",
+                 every: float | None = None):
+        self._stream, self._live, self._label, self._verb, self._every = stream, live, label, verb, every
         self._lock = threading.Lock()
         self.files = self.bytes = self.total_files = self.total_bytes = 0
+        self.skipped = self.skipped_bytes = self.failed = self.failed_bytes = 0
+        self.counting = False
         self._started = self._drawn = time.monotonic()
 
-    def start(self, total_files: int, total_bytes: int) -> None:
-        self.total_files, self.total_bytes = total_files, total_bytes
-        self._started = time.monotonic()
+    def start(self, total_files: int, total_bytes: int, counting: bool = False) -> None:
+        self.total_files, self.total_bytes, self.counting = total_files, total_bytes, counting
+        self._started = self._drawn = time.monotonic()
+
+    def add_total(self, size: int) -> None:
+        with self._lock:
+            self.total_files += 1
+            self.total_bytes += size
+
+    def counted(self) -> None:
+        """The totals are final."""
+        with self._lock:
+            self.counting = False
 
     def advance(self, size: int) -> None:
         with self._lock:
             self.bytes += size
             self._maybe_draw()
 
-    def file_done(self) -> None:
+    def file_done(self, size: int = 0) -> None:
+        """One more file done, with `size` bytes not yet counted by `advance`."""
         with self._lock:
             self.files += 1
+            self.bytes += size
             self._maybe_draw()
 
+    def skip(self, size: int) -> None:
+        with self._lock:
+            self.skipped += 1
+            self.skipped_bytes += size
+            self._maybe_draw()
+
+    def fail(self, size: int, message: str) -> None:
+        """A file that could not be done; `message` is written on a line of its own."""
+        with self._lock:
+            self.failed += 1
+            self.failed_bytes += size
+            if self._stream is not None:
+                self._stream.write(f"\r\x1b[K{message}\n" if self._live else message + "\n")
+                self._stream.flush()
+            self._maybe_draw()
+
+    def tick(self) -> None:
+        """Redraw the live line if due, even without news: the rate and ETA move with the clock.
+        (Plain lines come only with news, so `every=0` means one line per file.)"""
+        if self._live:
+            with self._lock:
+                self._maybe_draw()
+
     def _maybe_draw(self) -> None:
+        if self._stream is None:
+            return
         now = time.monotonic()
-        if self._live and self._stream is not None and now - self._drawn >= 0.1:
-            self._drawn = now
-            self._stream.write(f"\r{self._label}{self.files}/{self.total_files} files, "
-                               f"{_human(self.bytes)}/{_human(self.total_bytes)}, {self._rate()}\x1b[K")
-            self._stream.flush()
+        if self._live and now - self._drawn >= 0.1:
+            self._stream.write(f"\r{self._status()}\x1b[K")
+        elif not self._live and self._every is not None and now - self._drawn >= self._every:
+            self._stream.write(self._status() + "\n")
+        else:
+            return
+        self._drawn = now
+        self._stream.flush()
+
+    def _status(self) -> str:
+        done_bytes = self.bytes + self.skipped_bytes + self.failed_bytes
+        more = "+" if self.counting else ""
+        status = (f"{self._label}{self.files + self.skipped + self.failed}/{self.total_files}{more} files, "
+                  f"{_human(done_bytes)}/{_human(self.total_bytes)}{more}, {self._rate()}")
+        if not self.counting and self.bytes and done_bytes < self.total_bytes:
+            status += f", ETA {_duration((self.total_bytes - done_bytes) / self._speed())}"
+        return status
+
+    def _speed(self) -> float:
+        return self.bytes / max(time.monotonic() - self._started, 1e-6)
 
     def _rate(self) -> str:
-        return f"{_human(self.bytes / max(time.monotonic() - self._started, 1e-6))}/s"
+        return f"{_human(self._speed())}/s"
 
     def finish(self) -> None:
         if self._stream is None:
             return
-        summary = (f"{self._label}{self.files} file{'' if self.files == 1 else 's'}, {_human(self.bytes)} in "
-                   f"{time.monotonic() - self._started:.1f}s ({self._rate()})")
+        summary = f"{self._label}{self.files} file{'' if self.files == 1 else 's'}"
+        if self._verb:  # a run that may skip and fail: say how many of each, even none
+            summary += f" {self._verb}, {self.skipped} already cached, {self.failed} failed"
+        summary += f", {_human(self.bytes)} in {time.monotonic() - self._started:.1f}s ({self._rate()})"
         self._stream.write(f"\r{summary}\x1b[K\n" if self._live else summary + "\n")
         self._stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
 
 
 def _human(size: float) -> str:

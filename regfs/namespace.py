@@ -143,6 +143,27 @@ class MountView:
         node, _ = self.resolve(path)
         return open_reader(node)
 
+    def fetch(self, path: str) -> dict:
+        """Make the regular file at `path` local without reading it (`regfs prefetch`): its object
+        cached, downloaded from its remote (an import's, from its source) unless already there.
+
+        Returns `size`, `object` (`HASH:ID`, `git-blob:ID` for bytes that come with Git) and
+        `cached`: whether the object was local before this call (Git bytes always are).
+        """
+        node, _ = self.resolve(path)
+        if isinstance(node, ImportedFileNode):
+            node = node.target()
+        if isinstance(node, BlobNode):
+            return {"size": node.size, "object": f"git-blob:{node.blob_id}", "cached": True}
+        if isinstance(node, DirNode):
+            raise IsADirectory(f"is a directory: {path}")
+        if not isinstance(node, ObjectNode):
+            raise PathNotFound(f"not a regular file: {path}")
+        cached = self.registry.context.cache.find(node.ref) is not None
+        local = node.store.path_of_empty(node.ref) if node.known_size == 0 else node.store.path(node.ref)
+        return {"size": os.path.getsize(local), "object": f"{node.ref.hash_name}:{node.ref.object_id}",
+                "cached": cached}
+
 
 def attr_of(node: Node, mtime: int) -> Attr:
     return Attr(node.kind, 0 if isinstance(node, DirNode) else node.size, node.is_exec, mtime)
