@@ -72,10 +72,14 @@ class ObjectCache:
             # group and the bit), and the caller's umask 002 keeps new files group-writable.
             for path in (self.directory, self.state_dir, self._tmp_dir, self._lock_dir):
                 _share_with_group(path)
-        self.sizes = SizeIndex(os.path.join(self.state_dir, "sizes.sqlite"))
+        index_path = os.path.join(self.state_dir, "sizes.sqlite")
         if shared_group:
-            # sqlite creates its files 0644 whatever the umask; its -wal/-shm files copy this mode.
-            _share_with_group(self.sizes.path, 0o664)
+            # sqlite would create the file 0644 (its -wal/-shm files copy that mode), so another
+            # user starting at the same moment would find it read-only: create it group-writable
+            # (umask 002) first, and fix the mode of one made before.
+            os.close(os.open(index_path, os.O_RDONLY | os.O_CREAT, 0o666))
+            _share_with_group(index_path, 0o664)
+        self.sizes = SizeIndex(index_path)
 
     def path(self, ref: ObjectRef) -> str:
         return os.path.join(self.directory, ref.relpath)
