@@ -101,12 +101,16 @@ class ObjectCache:
             # group and the bit), and the caller's umask 002 keeps new files group-writable.
             for path in (self.directory, self.state_dir, self.tmp_dir, self._lock_dir):
                 _share_with_group(path)
+        if shared_group:
+            # sqlite would create its files 0644 (their -wal/-shm files copy that mode), so another
+            # user starting at the same moment would find them read-only: create them
+            # group-writable (umask 002) first, and fix the mode of ones made before.
+            for name in ("sizes.sqlite", "usage.sqlite"):
+                index_path = os.path.join(self.state_dir, name)
+                os.close(os.open(index_path, os.O_RDONLY | os.O_CREAT, 0o666))
+                _share_with_group(index_path, 0o664)
         self.sizes = SizeIndex(os.path.join(self.state_dir, "sizes.sqlite"))
         self.usage = UsageIndex(os.path.join(self.state_dir, "usage.sqlite"))
-        if shared_group:
-            # sqlite creates its files 0644 whatever the umask; its -wal/-shm files copy this mode.
-            for index in (self.sizes, self.usage):
-                _share_with_group(index.path, 0o664)
         self.watcher = CacheWatcher()
         self._held: dict[ObjectRef, int] = {}  # objects open in this process, and how many times
         self._held_lock = threading.Lock()

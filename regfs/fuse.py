@@ -1,14 +1,22 @@
 """The FUSE adapter (the only mfusepy user): translates kernel requests into `MountView` calls.
 
 No logic lives here: each callback asks the view and maps the answer to a stat dict, bytes or an
-errno. `RegfsError`s carry their errno; failures that a reader sees as EIO are logged once here,
+errno.
+
+Kernel caching: everything below `@<sha>` is immutable, so the kernel keeps entries, attributes and
+negative lookups for a month (`KERNEL_CACHE_SECONDS`) and pages for good: `open` answers ENOSYS,
+which the kernel takes as "opens need no daemon" (FUSE_NO_OPEN_SUPPORT): it stops sending OPEN and
+RELEASE and keeps each file's page cache across opens (FOPEN_KEEP_CACHE). Reads then arrive by
+path. (Not for `opendir`: ENOSYS there crashed libfuse 3.14's high-level API.) Only the ref
+symlinks change: after each refresh, the names that changed, appeared or were missed at the root
+are invalidated with fuse_lowlevel_notify_inval_entry(3), so they never outlive the refresh. `RegfsError`s carry their errno; failures that a reader sees as EIO are logged once here,
 with the path, since the core's message already names the object and the remote. Every write
 operation is EROFS, and the mount is also made with `ro` so the kernel refuses most of them first.
 """
 
+import ctypes
 import errno
 import functools
-import itertools
 import json
 import logging
 import os
@@ -22,7 +30,7 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy
 
 from regfs.errors import ReadOnly, RegfsError
-from regfs.namespace import Attr, FileReader, MountView
+from regfs.namespace import Attr, MountView
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +41,9 @@ XATTR_PREFIX = "user.regfs."
 # trigger a download.
 FETCH_XATTR = XATTR_PREFIX + "fetch"
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+KERNEL_CACHE_SECONDS = 30 * 86400.0
+MAX_BACKGROUND = 64
+_ROOT_INODE = 1  # FUSE_ROOT_ID: the high-level API numbers the root 1, as the kernel does
 
 
 def _translated(operation: Callable) -> Callable:
@@ -66,15 +77,25 @@ class Operations(mfusepy.Operations):
     def __init__(self, view: MountView, on_ready: Callable[[], None] | None = None):
         self._view = view
         self._on_ready = on_ready
-        self._handles: dict[int, FileReader] = {}
-        self._handle_ids = itertools.count(1)
-        self._lock = threading.Lock()
         self._uid, self._gid = os.getuid(), os.getgid()
         self._stats = view.stats
+        self._kernel = _KernelCache()
 
-    def init(self, path: str) -> None:
+    def init_with_config(self, conn, config) -> None:
+        if config is not None:
+            config.entry_timeout = config.attr_timeout = config.negative_timeout = KERNEL_CACHE_SECONDS
+        if conn is not None:
+            # Room for many readers' requests at once (readahead and async reads are background
+            # requests; the kernel's default of 12 queues DataLoader workers behind each other).
+            conn.max_background, conn.congestion_threshold = MAX_BACKGROUND, MAX_BACKGROUND * 3 // 4
+        self._kernel.attach()
+        self._view.on_root_changed = self._kernel.forget
         if self._on_ready is not None:
             self._on_ready()
+
+    def destroy(self, path: str) -> None:
+        self._view.on_root_changed = None
+        self._kernel.detach()
 
     @_translated
     def getattr(self, path: str, fh: int | None = None) -> dict:
@@ -92,15 +113,11 @@ class Operations(mfusepy.Operations):
     def open(self, path: str, flags: int) -> int:
         if flags & _WRITE_FLAGS:
             raise ReadOnly(f"read-only: {path}")
-        reader = self._view.open(path)
-        with self._lock:
-            handle = next(self._handle_ids)
-            self._handles[handle] = reader
-        return handle
+        raise mfusepy.FuseOSError(errno.ENOSYS)  # see the module docstring: no opens, kept pages
 
     @_translated
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        data = self._handles[fh].read(size, offset)
+        data = self._view.read(path, size, offset)
         self._stats.served(len(data))
         return data
 
@@ -125,13 +142,6 @@ class Operations(mfusepy.Operations):
             values["stats"] = json.dumps(self._view.report(), sort_keys=True)
         return values
 
-    def release(self, path: str, fh: int) -> int:
-        with self._lock:
-            reader = self._handles.pop(fh, None)
-        if reader is not None:
-            reader.close()
-        return 0
-
     def access(self, path: str, amode: int) -> int:
         if amode & os.W_OK:
             raise mfusepy.FuseOSError(errno.EROFS)
@@ -154,6 +164,52 @@ class Operations(mfusepy.Operations):
         return {"st_mode": mode, "st_nlink": nlink, "st_size": attr.size, "st_uid": self._uid,
                 "st_gid": self._gid, "st_mtime": mtime_ns, "st_ctime": mtime_ns, "st_atime": mtime_ns,
                 "st_blocks": (attr.size + 511) // 512}
+
+
+class _KernelCache:
+    """Drops the kernel's cached lookups of names at the mount root (libfuse's notify API).
+
+    The session pointer is valid between `init` and `destroy`; a lock keeps a notification from
+    racing the teardown.
+    """
+
+    def __init__(self):
+        self._session: int | None = None
+        self._lock = threading.Lock()
+
+    def attach(self) -> None:
+        fuse_pointer = mfusepy._libfuse.fuse_get_context().contents.fuse
+        with self._lock:
+            self._session = _libfuse_session(fuse_pointer)
+
+    def detach(self) -> None:
+        with self._lock:
+            self._session = None
+
+    def forget(self, names: set[str]) -> None:
+        with self._lock:
+            if self._session is None:
+                return
+            for name in names:
+                encoded = os.fsencode(name)
+                status = _inval_entry(self._session, _ROOT_INODE, encoded, len(encoded))
+                if status not in (0, -errno.ENOENT):  # ENOENT: the kernel had nothing cached
+                    logger.warning("cannot drop the kernel's cached entry %r: %s", name,
+                                   os.strerror(-status))
+            _inval_inode(self._session, _ROOT_INODE, 0, 0)  # the root's attributes and listing
+
+
+def _libfuse_function(name: str, restype, *argtypes):
+    function = getattr(mfusepy._libfuse, name)
+    function.restype, function.argtypes = restype, list(argtypes)
+    return function
+
+
+_libfuse_session = _libfuse_function("fuse_get_session", ctypes.c_void_p, ctypes.c_void_p)
+_inval_entry = _libfuse_function("fuse_lowlevel_notify_inval_entry", ctypes.c_int, ctypes.c_void_p,
+                                 ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t)
+_inval_inode = _libfuse_function("fuse_lowlevel_notify_inval_inode", ctypes.c_int, ctypes.c_void_p,
+                                 ctypes.c_uint64, ctypes.c_int64, ctypes.c_int64)
 
 
 def mount(view: MountView, mountpoint: str, fsname: str, on_ready: Callable[[], None] | None = None,

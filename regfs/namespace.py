@@ -13,14 +13,18 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from regfs.errors import IsADirectory, NotADirectory, PathNotFound, RegfsError
+from regfs.files import OpenFiles
 from regfs.registry import Registry
 from regfs.stats import Stats
 from regfs.tree import BlobNode, DirNode, ImportedFileNode, LinkNode, Node, ObjectNode, OutputDirNode, lookup
 
 logger = logging.getLogger(__name__)
+
+_MAX_REMEMBERED_MISSES = 10_000  # more misses between two refreshes are not remembered (nor dropped)
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ class MountView:
         self._refs_time = int(time.time())
         self._commits: dict[str, str] = {}  # `@<sha or prefix>` names already resolved
         self._lock = threading.Lock()
+        # Root names whose kernel cache entries a refresh may have made wrong: refs that moved,
+        # came or went, and names looked up in vain (a new tag, a commit not fetched yet).
+        self.on_root_changed: Callable[[set[str]], None] | None = None
+        self._root_refs: dict[str, frozenset] = {}
+        self._root_misses: set[str] = set()
         if pinned_sha is None:
             self._rebuild_refs()
 
@@ -56,8 +65,18 @@ class MountView:
         root = DirNode()
         for name, commit_sha in sorted(refs.items()):
             _add_ref(root, name, commit_sha)
+        by_root_name: dict[str, set] = {}
+        for name, commit_sha in refs.items():
+            by_root_name.setdefault(name.split("/", 1)[0], set()).add((name, commit_sha))
+        root_refs = {name: frozenset(pairs) for name, pairs in by_root_name.items()}
         with self._lock:
             self._refs_root, self._refs_time = root, int(time.time())
+            changed = {name for name in root_refs.keys() | self._root_refs.keys()
+                       if root_refs.get(name) != self._root_refs.get(name)}
+            self._root_refs, changed_too, self._root_misses = root_refs, self._root_misses, set()
+        notify = self.on_root_changed
+        if notify is not None:
+            notify(changed | changed_too)
 
     def resolve(self, path: str) -> tuple[Node, int]:
         """The node at `path` (relative to the mount root) and its mtime."""
@@ -71,10 +90,22 @@ class MountView:
             return self._in_commit(self.pinned_sha, path)
         first, _, rest = path.partition("/")
         if first.startswith("@"):
-            return self._in_commit(self._commit(first[1:]), rest)
+            try:
+                commit_sha = self._commit(first[1:])
+            except PathNotFound:
+                self._missed(first)
+                raise
+            return self._in_commit(commit_sha, rest)
         with self._lock:
             root, mtime = self._refs_root, self._refs_time
+        if first and first not in root.children():
+            self._missed(first)
         return lookup(root, path), mtime, None
+
+    def _missed(self, name: str) -> None:
+        with self._lock:
+            if len(self._root_misses) < _MAX_REMEMBERED_MISSES:
+                self._root_misses.add(name)
 
     def _commit(self, name: str) -> str:
         commit_sha = self._commits.get(name)
@@ -125,6 +156,11 @@ class MountView:
 
     def attr(self, path: str) -> Attr:
         node, mtime = self.resolve(path)
+        if isinstance(node, ObjectNode) and node.known_size == 0:
+            # No read ever reaches an empty file (the kernel knows its size), so cache it when
+            # seen: its bytes are known without any remote, and DVC checking out from this cache
+            # needs the object like any other.
+            node.store.path_of_empty(node.ref)
         return attr_of(node, mtime)
 
     def listdir(self, path: str) -> list[str]:
@@ -141,7 +177,12 @@ class MountView:
 
     def open(self, path: str) -> "FileReader":
         node, _ = self.resolve(path)
-        return open_reader(node)
+        return open_reader(self.registry.context.files, node)
+
+    def read(self, path: str, size: int, offset: int) -> bytes:
+        """`size` bytes at `offset` of the file at `path`; fetches its object on first use."""
+        node, _ = self.resolve(path)
+        return self.registry.context.files.read(node, size, offset)
 
     def fetch(self, path: str) -> dict:
         """Make the regular file at `path` local without reading it (`regfs prefetch`): its object
@@ -188,93 +229,21 @@ def _add_ref(root: DirNode, name: str, commit_sha: str) -> None:
 
 
 class FileReader:
-    """Reads of one open file."""
+    """Reads of one open file by the API or `regfs get` (the kernel reads by path instead)."""
+
+    def __init__(self, files: OpenFiles, node: Node):
+        self._files, self._node = files, node
 
     def read(self, size: int, offset: int) -> bytes:
-        raise NotImplementedError
+        return self._files.read(self._node, size, offset)
 
     def close(self) -> None:
-        pass
+        pass  # descriptors belong to the process-wide OpenFiles
 
 
-class BytesReader(FileReader):
-    def __init__(self, data: bytes):
-        self._data = data
-
-    def read(self, size: int, offset: int) -> bytes:
-        return self._data[offset:offset + size]
-
-
-class ObjectReader(FileReader):
-    """Reads a cached object with pread; the object is fetched on the first read, not at open.
-
-    While open, the object is held in the cache, so this process's evictor leaves it alone; another
-    process (`regfs cache gc`, another mount) may unlink it, and the descriptor keeps reading.
-    """
-
-    def __init__(self, node: ObjectNode):
-        self._node = node
-        self._fd: int | None = None
-        self._error: RegfsError | None = None
-        self._lock = threading.Lock()
-
-    def _descriptor(self) -> int:
-        with self._lock:
-            if self._error is not None:
-                raise self._error  # the kernel retries failed reads: fail them alike, fetch once
-            if self._fd is None:
-                store, ref = self._node.store, self._node.ref
-                store.cache.hold(ref)  # before the lookup: an eviction afterwards cannot pick it
-                try:
-                    self._fd = store.cache.open(ref, lambda: store.path(ref))
-                except RegfsError as exc:
-                    self._error = exc
-                    raise
-                finally:
-                    if self._fd is None:
-                        store.cache.release(ref)
-            return self._fd
-
-    def read(self, size: int, offset: int) -> bytes:
-        return os.pread(self._descriptor(), size, offset)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-                self._node.store.cache.release(self._node.ref)
-
-
-class LazyReader(FileReader):
-    """Opens its real reader on first read (imports resolve their source only when read)."""
-
-    def __init__(self, opener):
-        self._opener, self._reader, self._lock = opener, None, threading.Lock()
-
-    def read(self, size: int, offset: int) -> bytes:
-        with self._lock:
-            if self._reader is None:
-                self._reader = self._opener()
-        return self._reader.read(size, offset)
-
-    def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-
-
-def open_reader(node: Node) -> FileReader:
+def open_reader(files: OpenFiles, node: Node) -> FileReader:
     if isinstance(node, DirNode):
         raise IsADirectory("is a directory")
-    if isinstance(node, BlobNode):
-        return BytesReader(node.data())
-    if isinstance(node, ObjectNode):
-        if node.known_size == 0:
-            # The kernel sends no read for an empty file, so cache it now: its bytes are known, and
-            # DVC sharing this cache would otherwise miss the object.
-            node.store.path_of_empty(node.ref)
-        return ObjectReader(node)
-    if isinstance(node, ImportedFileNode):
-        return LazyReader(lambda: open_reader(node.target()))
-    raise PathNotFound("not a regular file")
-
+    if not isinstance(node, (BlobNode, ObjectNode, ImportedFileNode)):
+        raise PathNotFound("not a regular file")
+    return FileReader(files, node)

@@ -22,6 +22,7 @@ from regfs.dvcconfig import Config, RemoteSpec, parse_config, user_levels
 from regfs.dvcmeta import DirEntry, ImportSource, Output
 from regfs.errors import ConfigError, IntegrityError, MetafileError, RevisionNotFound, SourceError
 from regfs.fetch import Fetcher, ObjectStore
+from regfs.files import OpenFiles
 from regfs.git import Mirror
 from regfs.remotes import Remote, open_remote
 from regfs.tree import (
@@ -51,6 +52,7 @@ class Context:
         self.shared_group = shared_group
         self.cache = ObjectCache(cache_dir, shared_group)
         self.fetcher = Fetcher(self.cache)
+        self.files = OpenFiles()
         self.mirrors_dir = os.path.join(self.cache.state_dir, "git")
         self.user_config = Config()
         for level in user_levels():

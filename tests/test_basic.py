@@ -91,7 +91,11 @@ def test_stat_is_lazy_then_reads_fill_a_dvc_layout_cache(basic, mount, oracle):
     each object where DVC's own cache would have it."""
     mounted = mount(f"{basic.path}@v1.0")
     listing = stat_tree(mounted.path)
-    assert cache_objects(mounted.cache_dir) == set(), "objects were downloaded by stat/readdir alone"
+    # The empty object is cached when an empty file is seen (the kernel never reads it), from
+    # nothing: it is the one object stat may leave in the cache.
+    empty_object = "files/md5/d4/1d8cd98f00b204e9800998ecf8427e"
+    assert cache_objects(mounted.cache_dir) - {empty_object} == set(), \
+        "objects were downloaded by stat/readdir alone"
 
     expected = oracle.tree(basic.path, "v1.0")
     problems = []

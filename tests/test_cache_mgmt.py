@@ -315,8 +315,10 @@ def test_an_open_file_reads_on_after_gc_evicts_its_object(dataset, tools, mount,
         assert not stored.exists(), "gc did not evict an object open in another process"
         rest = file.read()
     assert head + rest == expected
-    assert (mounted / "big.bin").read_bytes() == expected  # fetched again
-    assert _fetch_counts(mounted.log_text())[dataset.object_id("big.bin")] == 2
+    # Read again: from the kernel's page cache or the daemon's still open descriptor, or, once
+    # those are gone, fetched again.
+    assert (mounted / "big.bin").read_bytes() == expected
+    assert _fetch_counts(mounted.log_text())[dataset.object_id("big.bin")] in (1, 2)
 
 
 def test_an_object_bigger_than_the_cap_is_served_then_evicted(dataset, mount):
@@ -395,7 +397,9 @@ def test_gc_evicts_the_least_recently_used_first(dataset, extra, tools, mount, t
     cache = tmp_path / "cache"
     mounted = mount(f"{dataset.path}@main", "--refresh", "0", cache_dir=cache)
     for name in ("a.bin", "b.bin", "c.bin", "a.bin"):  # downloaded a, b, c; then a used again
-        assert (mounted / name).read_bytes() == dataset.files[name]
+        with open(mounted / name, "rb") as file:  # pages dropped: the read reaches the daemon
+            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            assert file.read() == dataset.files[name]
     mounted.unmount()  # the daemon writes the uses it holds in memory as it exits
     _dvc_pull_into(tools, extra, cache, tmp_path / "workspace")
     e2 = object_path(cache, extra.object_id("e2.bin"))
@@ -487,16 +491,19 @@ def test_verify_drops_corrupt_objects_of_both_layouts(dataset, legacy, tools, mo
     assert again.returncode == 0 and again.stdout == "", again
     assert f"verified {len(before) - len(relpaths)} objects: 0 bad" in again.stderr
 
-    # The mounts fetch the dropped objects again, and serve DVC's bytes.
+    # Mounts fetch the dropped objects again and serve DVC's bytes. New ones: the first mounts may
+    # serve their readers from the kernel's page cache, filled with the bytes verified at download.
     for source, dvc in ((dataset, None), (legacy, tools.dvc2)):
-        mounted = mounts[source.path]
-        assert_same_tree(snapshot(mounted.path), oracle.tree(source.path, "main", dvc_executable=dvc),
+        mounts[source.path].unmount()
+        mounts[source.path] = mount(f"{source.path}@main", "--refresh", "0", cache_dir=cache)
+        assert_same_tree(snapshot(mounts[source.path].path),
+                         oracle.tree(source.path, "main", dvc_executable=dvc),
                          f"mount of {source.path.parent.name} after verify")
     fetches = {object_id: count for mounted in mounts.values()
                for object_id, count in _fetch_counts(mounted.log_text()).items()}
-    damaged_ids = [dataset.object_id("a.bin"), dataset.object_id("b.bin"), legacy.object_id("crlf.txt"),
-                   legacy.object_id("binary.dat")]
-    assert [fetches[object_id] for object_id in damaged_ids] == [2, 2, 2, 2], fetches
+    damaged_ids = {dataset.object_id("a.bin"), dataset.object_id("b.bin"), legacy.object_id("crlf.txt"),
+                   legacy.object_id("binary.dat")}
+    assert fetches == dict.fromkeys(damaged_ids, 1), fetches
     assert _disk_objects(cache) == before
 
 

@@ -1,0 +1,182 @@
+"""Serving reads of immutable files: one process-wide table of open cache files (the fd cache).
+
+A file below `@<sha>` never changes, so a read needs no per-open state: the kernel sends reads by
+path (regfs answers `open` with ENOSYS, see regfs/fuse.py), and every reader of one object, in any
+open, shares one descriptor of its cache file, read with `os.pread` (positional, so sharing needs
+no lock around the read itself).
+
+The kernel says nothing when a file is closed, so "in use" means "read in the last `idle`
+seconds": while its descriptor is here, an object is held in the cache (this process's evictor
+leaves it alone); descriptors idle for longer are closed by a sweeper thread, which releases them.
+
+Invariants:
+- A descriptor is closed only when no read uses it: entries are reference-counted; idle ones are
+  closed after `idle` seconds, or sooner, oldest first, beyond `max_open` (busy ones are closed by
+  their last user once dropped).
+- An object is fetched on the first read that needs it, never at lookup or open. A fetch that
+  failed is remembered for `failure_ttl` seconds, so the kernel's retries of one failed read (a
+  readahead, then the read itself) fail alike instead of downloading again.
+- A cache file removed between fetch and open (evicted by `regfs cache gc`, or by another daemon)
+  is fetched again (`ObjectCache.open`); one already open keeps serving its bytes, as unlinked
+  files do.
+"""
+
+import os
+import threading
+import time
+from collections import OrderedDict
+
+from cachetools import LRUCache
+
+from regfs.cache import ObjectCache, ObjectRef
+from regfs.errors import PathNotFound, RegfsError
+from regfs.tree import BlobNode, ImportedFileNode, Node, ObjectNode
+
+
+class _Descriptor:
+    """An open cache file, holding its object in the cache until closed."""
+
+    __slots__ = ("cache", "dropped", "fd", "ref", "used", "users")
+
+    def __init__(self, fd: int, cache: ObjectCache, ref: ObjectRef):
+        self.fd, self.cache, self.ref = fd, cache, ref
+        self.users, self.dropped, self.used = 0, False, time.monotonic()
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.cache.release(self.ref)
+
+
+class OpenFiles:
+    def __init__(self, max_open: int = 512, idle: float = 5.0, failure_ttl: float = 2.0,
+                 blob_bytes: int = 64 << 20):
+        self._max_open, self._idle, self._failure_ttl = max_open, idle, failure_ttl
+        self._open: OrderedDict[ObjectRef, _Descriptor] = OrderedDict()
+        self._failures: dict[ObjectRef, tuple[float, RegfsError]] = {}
+        self._blobs: LRUCache = LRUCache(maxsize=blob_bytes, getsizeof=len)
+        self._lock = threading.Lock()
+        self._sweeper: threading.Thread | None = None
+
+    def read(self, node: Node, size: int, offset: int) -> bytes:
+        if isinstance(node, ImportedFileNode):
+            node = node.target()
+        if isinstance(node, ObjectNode):
+            descriptor = self._acquire(node)
+            try:
+                return os.pread(descriptor.fd, size, offset)
+            finally:
+                self._release(descriptor)
+        if isinstance(node, BlobNode):
+            return self._blob(node)[offset:offset + size]
+        raise PathNotFound("not a regular file")
+
+    def in_use(self) -> set[ObjectRef]:
+        """Objects with an open cache file here (eviction may still unlink them: reads go on)."""
+        with self._lock:
+            return set(self._open)
+
+    def close_all(self) -> None:
+        with self._lock:
+            for descriptor in self._open.values():
+                self._drop(descriptor)
+            self._open.clear()
+
+    def _blob(self, node: BlobNode) -> bytes:
+        with self._lock:
+            data = self._blobs.get(node.blob_id)
+        if data is None:
+            data = node.data()
+            with self._lock:
+                if len(data) <= self._blobs.maxsize:
+                    self._blobs[node.blob_id] = data
+        return data
+
+    def _acquire(self, node: ObjectNode) -> _Descriptor:
+        ref = node.ref
+        with self._lock:
+            descriptor = self._open.get(ref)
+            if descriptor is not None:
+                self._open.move_to_end(ref)
+                descriptor.users += 1
+                descriptor.used = time.monotonic()
+        if descriptor is not None:
+            descriptor.cache.usage.touch(ref.relpath)  # recency for eviction, as a cache lookup
+            return descriptor
+        with self._lock:
+            failed = self._failures.get(ref)
+            if failed is not None:
+                if time.monotonic() - failed[0] < self._failure_ttl:
+                    raise failed[1]
+                del self._failures[ref]
+        try:
+            fresh = self._open_object(node)
+        except RegfsError as exc:
+            with self._lock:
+                self._failures[ref] = (time.monotonic(), exc)
+            raise
+        with self._lock:
+            descriptor = self._open.get(ref)
+            if descriptor is None:  # else another reader opened it meanwhile: use theirs
+                descriptor = self._open[ref] = fresh
+                fresh = None
+                self._trim()
+                self._start_sweeper()
+            descriptor.users += 1
+        if fresh is not None:
+            fresh.close()
+        return descriptor
+
+    @staticmethod
+    def _open_object(node: ObjectNode) -> _Descriptor:
+        store, ref = node.store, node.ref
+        store.cache.hold(ref)  # before the lookup: an eviction after it cannot pick the object
+        try:
+            if node.known_size == 0:  # its bytes are known: no remote needed
+                fd = os.open(store.path_of_empty(ref), os.O_RDONLY)
+            else:
+                fd = store.cache.open(ref, lambda: store.path(ref))
+        except BaseException:
+            store.cache.release(ref)
+            raise
+        return _Descriptor(fd, store.cache, ref)
+
+    def _release(self, descriptor: _Descriptor) -> None:
+        with self._lock:
+            descriptor.users -= 1
+            if descriptor.dropped and descriptor.users == 0:
+                descriptor.close()
+
+    def _trim(self) -> None:
+        """Close idle descriptors beyond the cap, oldest first (called with the lock held)."""
+        excess = len(self._open) - self._max_open
+        if excess <= 0:
+            return
+        for ref in list(self._open):
+            if excess <= 0:
+                break
+            descriptor = self._open[ref]
+            if descriptor.users == 0:
+                del self._open[ref]
+                self._drop(descriptor)
+                excess -= 1
+
+    @staticmethod
+    def _drop(descriptor: _Descriptor) -> None:
+        descriptor.dropped = True
+        if descriptor.users == 0:
+            descriptor.close()
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = threading.Thread(target=self._sweep, daemon=True, name="regfs-files")
+            self._sweeper.start()
+
+    def _sweep(self) -> None:
+        while True:
+            time.sleep(self._idle / 2)
+            cutoff = time.monotonic() - self._idle
+            with self._lock:
+                idle = [ref for ref, descriptor in self._open.items()
+                        if descriptor.users == 0 and descriptor.used < cutoff]
+                for ref in idle:
+                    self._drop(self._open.pop(ref))
