@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from regfs.dvcmeta import HASH_LEGACY
-from regfs.errors import IntegrityError, RegfsError
+from regfs.errors import CacheError, IntegrityError
 from regfs.hashing import StreamHasher
 
 logger = logging.getLogger(__name__)
@@ -102,8 +102,9 @@ class ObjectCache:
         return target
 
     def _download(self, ref: ObjectRef, fill, target: str) -> None:
-        fd, tmp_path = tempfile.mkstemp(dir=self._tmp_dir, prefix=ref.object_id + _TMP_SEPARATOR)
+        tmp_path = None
         try:
+            fd, tmp_path = tempfile.mkstemp(dir=self._tmp_dir, prefix=ref.object_id + _TMP_SEPARATOR)
             hasher = StreamHasher(ref.hash_name)
             with os.fdopen(fd, "wb") as file:
                 writer = ObjectWriter(file, hasher)
@@ -115,10 +116,14 @@ class ObjectCache:
             os.chmod(tmp_path, 0o444)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.replace(tmp_path, target)
-            self.sizes.put(ref, writer.size)
+        except OSError as exc:  # our own writes: the remote module turns its errors into RemoteError
+            reason = (exc.strerror or type(exc).__name__).lower()
+            raise CacheError(f"{reason} while caching object {ref.object_id} into {self.directory}") from exc
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_path)
+            if tmp_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp_path)
+        self.sizes.put(ref, writer.size)  # after the rename: a full disk fails the index, not the read
 
     def remove_stale_downloads(self) -> int:
         """Remove temporary files of downloads whose writer died (killed mid-download): a live
@@ -185,17 +190,24 @@ class SizeIndex:
     def __init__(self, path: str):
         self.path = path
         self._local = threading.local()
-        with self._connection() as connection:
-            connection.execute("CREATE TABLE IF NOT EXISTS sizes (object TEXT PRIMARY KEY, size INTEGER)")
+        try:
+            self._connection()
+        except sqlite3.Error as exc:  # a full disk, say: sizes are asked of remotes until it opens
+            logger.warning("cannot open size index %s: %s", self.path, exc)
 
     def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened (and the table made) on first use; retried after a
+        failure, since a full disk (sqlite cannot create its -wal and -shm files) may be freed."""
         connection = getattr(self._local, "connection", None)
         if connection is None:
+            connection = sqlite3.connect(self.path, timeout=30)
             try:
-                connection = sqlite3.connect(self.path, timeout=30)
                 connection.execute("PRAGMA journal_mode=WAL")
-            except sqlite3.Error as exc:
-                raise RegfsError(f"cannot open size index {self.path}: {exc}") from exc
+                with connection:
+                    connection.execute("CREATE TABLE IF NOT EXISTS sizes (object TEXT PRIMARY KEY, size INTEGER)")
+            except sqlite3.Error:
+                connection.close()
+                raise
             self._local.connection = connection
         return connection
 
