@@ -26,6 +26,14 @@ logger = logging.getLogger(__name__)
 # group-shared cache, belong to whichever member created them: the check would only lock the
 # group out.
 pygit2.option(pygit2.enums.Option.SET_OWNER_VALIDATION, 0)
+# libgit2 waits forever by default on a server that accepts a connection and never answers, which
+# would hang a mount's start (and hold the mirror's lock against every other daemon). git servers
+# send a keep-alive at least every 5 s while they prepare a pack (`uploadpack.keepAlive`), so 30 s
+# of silence means the server is gone. Both values are milliseconds.
+CONNECT_TIMEOUT_MS = 10_000
+SERVER_TIMEOUT_MS = 30_000
+pygit2.option(pygit2.enums.Option.SET_SERVER_CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
+pygit2.option(pygit2.enums.Option.SET_SERVER_TIMEOUT, SERVER_TIMEOUT_MS)
 
 _REFSPECS = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"]
 _HEX = re.compile(r"^[0-9a-fA-F]{7,40}$")

@@ -87,12 +87,20 @@ class Registry:
         self._stores: dict[tuple, ObjectStore] = {}
         self._lock = threading.RLock()
         self._fetched = False
+        self._unreachable = False  # the last fetch failed
 
     def update(self) -> None:
-        """Fetch the mirror from the URL."""
-        if self.local_dir is not None and not os.path.exists(self.local_dir):
-            raise SourceError(f"registry {self.url} does not exist")
-        self.mirror.fetch()
+        """Fetch the mirror from the URL; the first success after a failure is logged."""
+        try:
+            if self.local_dir is not None and not os.path.exists(self.local_dir):
+                raise SourceError(f"registry {self.url} does not exist")
+            self.mirror.fetch()
+        except SourceError:
+            self._unreachable = True
+            raise
+        if self._unreachable:
+            logger.info("fetched %s again: its refs are current", self.url)
+            self._unreachable = False
         self._fetched = True
 
     def update_or_reuse(self) -> None:
