@@ -1,8 +1,11 @@
-"""Faults regfs must survive: a daemon killed with SIGKILL (mid-download too), and a registry that
-cannot be fetched when a mount starts.
+"""Faults regfs must survive: a daemon killed with SIGKILL (mid-download too), a registry that
+cannot be fetched when a mount starts, and a machine gone offline (registry and remote both
+unreachable) that mounts again from its cache.
 
-These tests drive `regfs mount`/`umount` by hand (not the `mount` fixture), because they kill
-daemons on purpose and mount twice on one mountpoint; every mount is removed in `finally`.
+The SIGKILL and unreachable-registry tests drive `regfs mount`/`umount` by hand (not the `mount`
+fixture), because they kill daemons on purpose and mount twice on one mountpoint; every mount is
+removed in `finally`. Git faults of refreshing mounts are in test_git_faults.py, a full disk in
+test_disk_faults.py.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -19,9 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import S3Server
+from tests.gitserver import publish
 from tests.mounting import is_mounted, run_cli
 from tests.registry import Registry, random_bytes
-from tests.trees import assert_same_tree, snapshot
+from tests.trees import assert_same_tree, md5_hex, mentions_object, snapshot
 
 BUCKET = "faults-bucket"
 
@@ -141,8 +147,6 @@ def test_sigkill_mid_download_leaves_no_partial_object(tools, s3_server, oracle,
 def test_an_unreachable_registry_is_served_from_its_mirror(basic, tools, oracle, tmp_path, regfs_cli):
     """The registry cannot be fetched when a mount starts: the mirror and cache from earlier
     serve it, and the log says so."""
-    import shutil
-
     source = tmp_path / "registry"
     shutil.copytree(basic.path, source, symlinks=True)
     shutil.copytree(basic.store, tmp_path / "store", symlinks=True)
@@ -165,3 +169,91 @@ def test_an_unreachable_registry_is_served_from_its_mirror(basic, tools, oracle,
 
     never_fetched = regfs_cli("ls", tmp_path / "no-such-registry", "--cache-dir", cache)
     assert never_fetched.returncode != 0 and never_fetched.error_lines()
+
+
+# -- offline: neither the registry nor its remote can be reached --------------------------------
+
+# Never read before going offline (so never cached); everything else of `main` is read first.
+UNCACHED = ["big.bin", "data/sub/deeper/x.bin"]
+
+
+def check_offline_mount(mount, source: str, cache: Path, oracle_tree: dict, go_offline) -> None:
+    """Mount `source` and read all of `main` but UNCACHED into `cache`; unmount; `go_offline()`;
+    then a new mount on the same cache must start from the mirror, saying so, show the same refs,
+    read every cached file right, and fail each uncached one with EIO and a log line naming it,
+    without hanging."""
+    expected = {path: entry for path, entry in oracle_tree.items() if path not in UNCACHED}
+    first = mount(source, "--refresh", "0", cache_dir=cache)
+    refs = snapshot(first.path)  # the ref symlinks, and directories for names with /
+    assert_same_tree(snapshot(first / "main", skip=UNCACHED), expected, "main, online")
+    first.unmount()
+
+    go_offline()
+    uncached_ids = [md5_hex(oracle_tree[path][2]) for path in UNCACHED]
+    started = time.monotonic()
+    second = mount(source, "--refresh", "0", cache_dir=cache, expect_errors="|".join(uncached_ids))
+    assert time.monotonic() - started < 120, "starting offline took longer than the Git timeouts allow"
+    assert "serving the mirror as fetched at" in second.log_text(), second.log_tail()
+    assert snapshot(second.path) == refs
+    assert_same_tree(snapshot(second / "main", skip=UNCACHED), expected, "main, offline")
+    for path, object_id in zip(UNCACHED, uncached_ids):
+        assert os.stat(second / "main" / path).st_size == len(oracle_tree[path][2])
+        started = time.monotonic()
+        with pytest.raises(OSError) as caught:
+            (second / "main" / path).read_bytes()
+        assert caught.value.errno == errno.EIO, f"{path}: {caught.value!r}"
+        assert time.monotonic() - started < 60, f"{path}: EIO only after {time.monotonic() - started:.0f} s"
+        assert any(mentions_object(line, object_id) and "remote" in line for line in second.error_lines()), \
+            f"no ERROR line names object {object_id} and its remote:\n{second.log_tail()}"
+
+
+def test_offline_local_registry_and_remote_gone(basic, mount, oracle, tmp_path):
+    """The registry directory and the local remote are moved away (an unplugged disk)."""
+    source, store = tmp_path / "registry", tmp_path / "store"
+    shutil.copytree(basic.path, source, symlinks=True)
+    shutil.copytree(basic.store, store, symlinks=True)
+
+    def go_offline() -> None:
+        source.rename(tmp_path / "registry-gone")
+        store.rename(tmp_path / "store-gone")
+
+    check_offline_mount(mount, os.fspath(source), tmp_path / "cache", oracle.tree(basic.path, "main"),
+                        go_offline)
+
+
+def test_offline_git_server_hung_and_s3_gone(tools, mount, oracle, tmp_path):
+    """The registry is served over git:// and its remote is S3. Offline, the Git server's address
+    accepts connections but never answers (a hung server), and nothing listens at the S3
+    endpoint any more."""
+    from moto.server import ThreadedMotoServer
+
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    host, port = s3.get_host_and_port()
+    s3_running = True
+    published = None
+    try:
+        S3Server(f"http://{host}:{port}").create_bucket("offline-bucket")
+        work = Registry.create(tools, tmp_path / "work", remotes={"s3": "s3://offline-bucket/r"},
+                               default_remote="s3")
+        work.dvc("remote", "modify", "s3", "endpointurl", f"http://{host}:{port}")
+        work.write("README.txt", "served over git://\n")
+        work.commit("readme")
+        published = publish(work, tmp_path / "served")
+        files = {"big.bin": random_bytes(41, 3_000_000), "small.txt": b"small\n",
+                 "data/sub/deeper/x.bin": random_bytes(42, 70_000), "data/y.txt": b"y\n"}
+        commit_sha = published.commit_and_push("data on S3", files)
+        oracle_tree = oracle.tree(published.bare, commit_sha)
+
+        def go_offline() -> None:
+            nonlocal s3_running
+            published.server.blackhole()
+            s3.stop()
+            s3_running = False
+
+        check_offline_mount(mount, published.url, tmp_path / "cache", oracle_tree, go_offline)
+    finally:
+        if published is not None:
+            published.server.close()
+        if s3_running:
+            s3.stop()
