@@ -1,6 +1,7 @@
 """Faults regfs must survive: a daemon killed with SIGKILL (mid-download too), a registry that
-cannot be fetched when a mount starts, and a machine gone offline (registry and remote both
-unreachable) that mounts again from its cache.
+cannot be fetched when a mount starts, a machine gone offline (registry and remote both
+unreachable) that mounts again from its cache, and two daemons and `dvc pull` filling one cache
+directory at once.
 
 The SIGKILL and unreachable-registry tests drive `regfs mount`/`umount` by hand (not the `mount`
 fixture), because they kill daemons on purpose and mount twice on one mountpoint; every mount is
@@ -14,11 +15,14 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,7 +31,14 @@ from tests.conftest import S3Server
 from tests.gitserver import publish
 from tests.mounting import is_mounted, run_cli
 from tests.registry import Registry, random_bytes
-from tests.trees import assert_same_tree, md5_hex, mentions_object, snapshot
+from tests.trees import (
+    assert_same_tree,
+    cache_objects,
+    md5_hex,
+    mentions_object,
+    missing_from_cache,
+    snapshot,
+)
 
 BUCKET = "faults-bucket"
 
@@ -257,3 +268,82 @@ def test_offline_git_server_hung_and_s3_gone(tools, mount, oracle, tmp_path):
             published.server.close()
         if s3_running:
             s3.stop()
+
+
+# -- one cache directory, written by two daemons and DVC at once --------------------------------
+
+SHARED_BUCKET = "shared-cache-bucket"
+FETCHED = re.compile(r" INFO regfs\.fetch: fetched (\S+) ")
+
+
+def read_all(root: Path, relpaths: list[str]) -> dict[str, str]:
+    return {relpath: md5_hex((root / relpath).read_bytes()) for relpath in relpaths}
+
+
+def test_two_daemons_and_dvc_pull_fill_one_cache_at_once(tools, s3_server, oracle, mount, tmp_path):
+    """Two mounts on one --cache-dir, each read by two threads (in opposite orders), while
+    `dvc pull` in a clone uses that directory as its `cache.dir`: every byte read is right, dvc
+    pull succeeds, every object in the cache hashes to its name and none is missing, and no daemon
+    downloads an object twice."""
+    s3_server.create_bucket(SHARED_BUCKET)
+    registry = Registry.create(tools, tmp_path / "registry", remotes={"s3": f"s3://{SHARED_BUCKET}/r"},
+                               default_remote="s3")
+    registry.dvc("remote", "modify", "s3", "endpointurl", s3_server.endpoint_url)
+    for number in range(40):
+        registry.write(f"many/{number:02}.bin", random_bytes(100 + number, 20_000 * (number % 7 + 1)))
+    for number in range(6):
+        registry.write(f"big/{number}.bin", random_bytes(200 + number, 6 * 1024 * 1024 + number))
+    registry.write("single.bin", random_bytes(300, 5 * 1024 * 1024))
+    registry.add("many", "big", "single.bin")
+    registry.push()
+    registry.commit("objects for a shared cache")
+    expected = oracle.tree(registry.path, "main")
+    files = sorted(relpath for relpath, entry in expected.items() if entry[0] == "file")
+    wanted = {relpath: md5_hex(expected[relpath][2]) for relpath in files}
+
+    cache = tmp_path / "cache"
+    clone = tmp_path / "clone"
+    tools.run(["git", "clone", "-q", registry.path, clone], cwd=tmp_path)
+    tools.run([tools.dvc3, "config", "--local", "cache.dir", cache], cwd=clone)
+    mounts = [mount(f"{registry.path}@main", cache_dir=cache) for _ in range(2)]
+
+    for mounted in mounts:  # opens each daemon's S3 remote (and caches the two manifests)
+        assert sorted(os.listdir(mounted / "big")) == [f"{number}.bin" for number in range(6)]
+    warm = set((cache / "files").rglob("*"))
+    with open(tmp_path / "pull.log", "wb") as pull_log:
+        # One job: DVC downloads one object at a time, so the daemons get their share.
+        pull = subprocess.Popen([tools.dvc3, "pull", "-q", "--jobs", "1"], cwd=clone, env=tools.env,
+                                stdin=subprocess.DEVNULL, stdout=pull_log, stderr=pull_log)
+    try:
+        # The readers start as soon as DVC writes its first file into the cache, mid-pull.
+        deadline = time.monotonic() + 120
+        while not set((cache / "files").rglob("*")) - warm and pull.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert pull.poll() is None, "dvc pull ended before the daemons could read with it"
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            reads = [pool.submit(read_all, mounted.path, order) for mounted in mounts
+                     for order in (files, files[::-1])]
+            results = [read.result(timeout=600) for read in reads]
+        assert pull.wait(timeout=600) == 0, (tmp_path / "pull.log").read_text()
+    finally:
+        if pull.poll() is None:
+            pull.kill()
+            pull.wait()
+    for result in results:
+        assert result == wanted
+    assert_same_tree(snapshot(clone), expected, "the workspace dvc pull checked out")
+
+    objects = cache_objects(cache, manifests=True)
+    corrupt = [relpath for relpath in objects if md5_hex((cache / relpath).read_bytes())
+               != "".join(relpath.split("/")[-2:]).removesuffix(".dir")]
+    assert not corrupt, f"cache objects whose bytes do not hash to their name: {corrupt}"
+    strays = [str(path.relative_to(cache)) for path in (cache / "files").rglob("*")
+              if path.is_file() and str(path.relative_to(cache)) not in objects]
+    assert not strays, f"files in the cache that are no objects (temporary files left?): {strays}"
+    assert not missing_from_cache(cache, oracle.clone(registry.path, "main"))
+    assert not list((cache / "regfs" / "tmp").iterdir())
+    for mounted in mounts:
+        fetched = Counter(FETCHED.findall(mounted.log_text()))
+        twice = {object_id: count for object_id, count in fetched.items() if count > 1}
+        assert not twice, f"{mounted.path} downloaded objects more than once: {twice}"
