@@ -204,7 +204,8 @@ class SizeIndex:
             try:
                 connection.execute("PRAGMA journal_mode=WAL")
                 with connection:
-                    connection.execute("CREATE TABLE IF NOT EXISTS sizes (object TEXT PRIMARY KEY, size INTEGER)")
+                    connection.execute("CREATE TABLE IF NOT EXISTS sizes "
+                                       "(object TEXT PRIMARY KEY, size INTEGER)")
             except sqlite3.Error:
                 connection.close()
                 raise

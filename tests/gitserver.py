@@ -1,11 +1,11 @@
 """A Git server on 127.0.0.1 that tests can stop, restart and turn into a black hole.
 
 `publish` makes a registry reachable as users reach one: a bare repository that a working clone
-pushes to, served over git://. `GitServer` runs the real `git daemon` (the git:// protocol) over one base directory on a fixed
-port; `stop()` makes the URL refuse connections, `blackhole()` puts a listener on the port that
-accepts connections and never answers (a hung server, or a firewall that lets the handshake
-through), and `start()` brings the real daemon back. Every process and socket is closed by
-`close()`.
+pushes to, served over git://. `GitServer` runs the real `git daemon` (the git:// protocol) over
+one base directory on a fixed port; `stop()` makes the URL refuse connections, `blackhole()` puts
+a listener on the port that accepts connections and never answers (a hung server, or a firewall
+that lets the handshake through), and `start()` brings the real daemon back. `close()` ends every
+process and socket.
 """
 
 from __future__ import annotations

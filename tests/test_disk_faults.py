@@ -122,7 +122,8 @@ def test_a_full_cache_disk_fails_the_read_cleanly_and_recovers_when_space_is_fre
 def test_a_daemon_starts_on_a_full_cache_disk_and_serves_what_is_cached(registry, mount, oracle, tmp_path):
     """On a disk too full for sqlite to create its -wal/-shm files, a new daemon still mounts
     (without a size index) and reads every cached object."""
-    expected = {path: entry for path, entry in oracle.tree(registry.path, "main").items() if path != "huge.bin"}
+    expected = {path: entry for path, entry in oracle.tree(registry.path, "main").items()
+                if path != "huge.bin"}
     with tmpfs(tmp_path / "cache", "4m") as cache:
         first = mount(registry.path, cache_dir=cache)
         try:

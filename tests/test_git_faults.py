@@ -160,7 +160,8 @@ def test_a_deleted_tag_disappears_while_a_process_inside_its_tree_keeps_reading(
     report = json.loads(output)
     assert report["cwd"] == os.fspath(mounted / f"@{doomed}" / "data")
     expected = {relpath[len("data/"):]: hashlib.md5(entry[2]).hexdigest()
-                for relpath, entry in doomed_tree.items() if relpath.startswith("data/") and entry[0] == "file"}
+                for relpath, entry in doomed_tree.items()
+                if relpath.startswith("data/") and entry[0] == "file"}
     assert report["files"] == expected
     assert sorted(os.listdir(mounted.path)) == ["HEAD", "main", "v-kept"]
     assert os.readlink(mounted / "v-kept") == "@" + kept
