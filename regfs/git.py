@@ -6,6 +6,7 @@ processes are serialised by a lock file beside it. Commits and blobs are immutab
 read by sha can be cached forever by callers.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -37,6 +38,7 @@ pygit2.option(pygit2.enums.Option.SET_SERVER_TIMEOUT, SERVER_TIMEOUT_MS)
 
 _REFSPECS = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"]
 _HEX = re.compile(r"^[0-9a-fA-F]{7,40}$")
+_FULL_HEX = re.compile(r"[0-9a-fA-F]{40}")
 MODE_EXEC = 0o100755
 MODE_LINK = 0o120000
 MODE_GITLINK = 0o160000
@@ -140,9 +142,16 @@ class Mirror:
             return None
 
     def resolve(self, revision: str) -> str:
-        """The commit sha a branch, tag, full sha or unique sha prefix (7+ hex digits) names."""
+        """The commit sha a branch, tag, full sha or unique sha prefix (7+ hex digits) names.
+
+        A full sha of a commit is that commit even where a branch has it as its name, as in
+        `git rev-parse` and libgit2's revparse (which DVC uses); a shorter prefix loses to a ref.
+        """
         with self._lock:
             repo = self.repo
+            if _FULL_HEX.fullmatch(revision):
+                with contextlib.suppress(RevisionNotFound):
+                    return self.find_commit(revision)
             candidates = [f"refs/tags/{revision}", f"refs/heads/{revision}"]
             if revision == "HEAD":
                 candidates.insert(0, "HEAD")
