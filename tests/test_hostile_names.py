@@ -8,7 +8,8 @@ cannot be a path, is left out with a logged warning) and the tree behind it is t
 sha also pins the commit, as `git rev-parse` reads it; a shorter prefix pins the branch). Names
 that are no revision (`..`, `../../etc`, a 6-digit prefix, a blob) are ENOENT or one
 `regfs: error:` line. Some refs are shell commands that would create a canary file if regfs ever
-handed a revision to a shell; no test may find one.
+handed a revision to a shell; no test may find one. A ref name git itself forbids (`a..b`, only
+possible in a corrupt `packed-refs`) fails a local registry with one clear line.
 """
 
 from __future__ import annotations
@@ -326,3 +327,28 @@ def test_ls_of_hostile_names_lists_their_trees(hostile, regfs_cli, oracle, tmp_p
         if result.returncode != 0 or sorted(result.stdout.splitlines()) != expected:
             failures.append(f"{name!r}: {result}\nexpected {expected}")
     assert not failures, "\n".join(failures)
+
+
+def test_a_ref_name_git_forbids_fails_a_local_registry_with_one_clear_line(tools, regfs_cli, tmp_path):
+    """`..` is no part of a legal ref name, but a corrupt or hostile `packed-refs` can hold one.
+    libgit2 then refuses to fetch from the local registry at all: `regfs ls` says so in one line
+    naming the ref, and a mirror fetched earlier is served instead."""
+    registry = Registry.create(tools, tmp_path / "registry")
+    registry.write("README.txt", "a registry with a ref git forbids\n")
+    commit_sha = registry.commit("readme")
+    cache, early_cache = tmp_path / "cache", tmp_path / "early-cache"
+    early = regfs_cli("ls", f"{registry.path}@main", "--cache-dir", early_cache)
+    assert early.returncode == 0 and "README.txt" in early.stdout.split(), early
+
+    registry.git("pack-refs", "--all")
+    with open(registry.path / ".git" / "packed-refs", "a") as packed:
+        packed.write(f"{commit_sha} refs/heads/a..b\n")
+    result = regfs_cli("ls", f"{registry.path}@main", "--cache-dir", cache)
+    assert result.returncode == 1, result
+    lines = result.error_lines()
+    assert len(lines) == 1 and "refs/heads/a..b" in lines[0], result
+    assert "Traceback" not in result.stderr
+
+    served = regfs_cli("ls", f"{registry.path}@main", "--cache-dir", early_cache)
+    assert served.returncode == 0 and "README.txt" in served.stdout.split(), served
+    assert "serving the mirror as fetched at" in served.stderr and "refs/heads/a..b" in served.stderr
