@@ -20,7 +20,14 @@ from regfs.address import is_local_url, local_path
 from regfs.cache import ObjectCache, ObjectRef
 from regfs.dvcconfig import Config, RemoteSpec, parse_config, user_levels
 from regfs.dvcmeta import DirEntry, ImportSource, Output
-from regfs.errors import ConfigError, IntegrityError, MetafileError, RevisionNotFound, SourceError
+from regfs.errors import (
+    ConfigError,
+    IntegrityError,
+    MetafileError,
+    RemoteError,
+    RevisionNotFound,
+    SourceError,
+)
 from regfs.fetch import Fetcher, ObjectStore
 from regfs.git import Mirror
 from regfs.remotes import Remote, open_remote
@@ -188,7 +195,13 @@ class Registry:
             raise
         refs = {entry.relpath: ObjectRef(entry.object_id, ref.hash_name) for entry in entries}
         unknown = [refs[entry.relpath] for entry in entries if entry.size is None]
-        sizes = store.sizes(unknown) if unknown else {}
+        try:
+            sizes = store.sizes(unknown) if unknown else {}
+        except (RemoteError, ConfigError) as exc:
+            # The remote cannot be asked (offline, say): each entry learns its size when stat'ed,
+            # from the cache if it is there; only the others fail then, not the whole directory.
+            logger.warning("sizes of the entries of %s in %s are not known yet: %s", path, self.url, exc)
+            sizes = {}
 
         def file_node(entry: DirEntry) -> Node:
             entry_ref = refs[entry.relpath]

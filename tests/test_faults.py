@@ -37,6 +37,7 @@ from tests.trees import (
     md5_hex,
     mentions_object,
     missing_from_cache,
+    object_path,
     snapshot,
 )
 
@@ -185,6 +186,8 @@ def test_an_unreachable_registry_is_served_from_its_mirror(basic, tools, oracle,
 # -- offline: neither the registry nor its remote can be reached --------------------------------
 
 # Never read before going offline (so never cached); everything else of `main` is read first.
+PARTLY_BUCKET = "partly-pulled-bucket"
+DEAD_ENDPOINT = "http://127.0.0.1:9"  # the discard port: nothing listens, connections are refused
 UNCACHED = ["big.bin", "data/sub/deeper/x.bin"]
 
 
@@ -268,6 +271,45 @@ def test_offline_git_server_hung_and_s3_gone(tools, mount, oracle, tmp_path):
             published.server.close()
         if s3_running:
             s3.stop()
+
+
+
+def test_offline_a_partly_pulled_directory_lists_and_reads_what_is_cached(tools, s3_server, mount, oracle,
+                                                                           tmp_path):
+    """DVC, sharing the cache, pulled one file of a directory output (and its manifest); then the
+    S3 remote became unreachable (the mount is given an endpoint nothing listens on). The
+    directory still lists, the pulled file reads, and only the others fail (EIO), although the
+    sizes of the entries could never be asked of the remote."""
+    s3_server.create_bucket(PARTLY_BUCKET)
+    registry = Registry.create(tools, tmp_path / "registry", remotes={"s3": f"s3://{PARTLY_BUCKET}/r"},
+                               default_remote="s3")
+    registry.dvc("remote", "modify", "s3", "endpointurl", s3_server.endpoint_url)
+    registry.write("images/a.bin", random_bytes(51, 30_000))
+    registry.write("images/b.bin", random_bytes(52, 40_000))
+    registry.write("images/c/d.txt", "d\n")
+    registry.add("images")
+    registry.push()
+    registry.commit("images")
+    expected = oracle.tree(registry.path, "main")
+    cache, clone = tmp_path / "cache", tmp_path / "clone"
+    tools.run(["git", "clone", "-q", registry.path, clone], cwd=tmp_path)
+    tools.run([tools.dvc3, "config", "--local", "cache.dir", cache], cwd=clone)
+    tools.run([tools.dvc3, "pull", "-q", "images/a.bin"], cwd=clone)
+    ids = {path: md5_hex(expected[path][2]) for path in ("images/a.bin", "images/b.bin", "images/c/d.txt")}
+    assert [object_path(cache, object_id).exists() for object_id in ids.values()] == [True, False, False]
+
+    mounted = mount(f"{registry.path}@main", "--remote-config", f"s3.endpointurl={DEAD_ENDPOINT}",
+                    cache_dir=cache,
+                    expect_errors="|".join(f"{ids[path][:2]}/?{ids[path][2:]}"
+                                           for path in ("images/b.bin", "images/c/d.txt")))
+    assert sorted(os.listdir(mounted / "images")) == ["a.bin", "b.bin", "c"]
+    assert os.stat(mounted / "images" / "a.bin").st_size == len(expected["images/a.bin"][2])
+    assert (mounted / "images" / "a.bin").read_bytes() == expected["images/a.bin"][2]
+    for path in ("images/b.bin", "images/c/d.txt"):
+        with pytest.raises(OSError) as caught:
+            (mounted / path).read_bytes()
+        assert caught.value.errno == errno.EIO, f"{path}: {caught.value!r}"
+    assert "sizes of the entries of images" in mounted.log_text(), mounted.log_tail()
 
 
 # -- one cache directory, written by two daemons and DVC at once --------------------------------
