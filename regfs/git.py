@@ -1,8 +1,10 @@
 """Read-only access to a registry's Git history, through a bare mirror (the only pygit2 user).
 
 The mirror lives under the cache directory, one per URL, and is fetched with `+refs/heads/*` and
-`+refs/tags/*` refspecs; no working tree is ever checked out. Fetches of one mirror by several
-processes are serialised by a lock file beside it. Commits and blobs are immutable, so everything
+`+refs/tags/*` refspecs (pruning refs the URL no longer has, never objects, so an old commit stays
+readable by sha); no working tree is ever checked out. A fetch gives up on a server that does not
+connect within 10 s or stays silent for 30 s. Fetches of one mirror by several processes are
+serialised by a lock file beside it. Commits and blobs are immutable, so everything
 read by sha can be cached forever by callers.
 """
 
