@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from regfs.cacheindex import SizeIndex, UsageIndex
 from regfs.dvcmeta import HASH_LEGACY, HASH_MD5
-from regfs.errors import IntegrityError, RegfsError
+from regfs.errors import CacheError, IntegrityError, RegfsError
 from regfs.hashing import StreamHasher
 
 logger = logging.getLogger(__name__)
@@ -143,8 +143,9 @@ class ObjectCache:
         return target
 
     def _download(self, ref: ObjectRef, fill, target: str) -> None:
-        fd, tmp_path = tempfile.mkstemp(dir=self.tmp_dir, prefix=ref.object_id + _TMP_SEPARATOR)
+        tmp_path = None
         try:
+            fd, tmp_path = tempfile.mkstemp(dir=self.tmp_dir, prefix=ref.object_id + _TMP_SEPARATOR)
             hasher = StreamHasher(ref.hash_name)
             with os.fdopen(fd, "wb") as file:
                 writer = ObjectWriter(file, hasher)
@@ -156,11 +157,15 @@ class ObjectCache:
             os.chmod(tmp_path, 0o444)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.replace(tmp_path, target)
-            self.sizes.put(ref, writer.size)
-            self.watcher.installed(writer.size)
+        except OSError as exc:  # our own writes: the remote module turns its errors into RemoteError
+            reason = (exc.strerror or type(exc).__name__).lower()
+            raise CacheError(f"{reason} while caching object {ref.object_id} into {self.directory}") from exc
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_path)
+            if tmp_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp_path)
+        self.sizes.put(ref, writer.size)  # after the rename: a full disk fails the index, not the read
+        self.watcher.installed(writer.size)
 
     def open(self, ref: ObjectRef, locate: Callable[[], str]) -> int:
         """A read-only descriptor of the object at the path `locate` gives (fetching it if need be).

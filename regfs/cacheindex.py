@@ -32,18 +32,28 @@ class _SqliteIndex:
     """One sqlite database, one connection per thread (sqlite connections are not shareable)."""
 
     def __init__(self, path: str, schema: tuple[str, ...]):
-        self.path = path
+        self.path, self._schema = path, schema
         self._local = threading.local()
-        with self._connection() as connection:
-            for statement in schema:
-                connection.execute(statement)
+        try:
+            self._connection()
+        except RegfsError as exc:  # a full disk, say: the index is asked again on each use
+            logger.warning("%s", exc)
 
     def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened (and the tables made) on first use; retried after a
+        failure, since a full disk (sqlite cannot create its -wal and -shm files) may be freed."""
         connection = getattr(self._local, "connection", None)
         if connection is None:
             try:
                 connection = sqlite3.connect(self.path, timeout=30)
-                connection.execute("PRAGMA journal_mode=WAL")
+                try:
+                    connection.execute("PRAGMA journal_mode=WAL")
+                    with connection:
+                        for statement in self._schema:
+                            connection.execute(statement)
+                except sqlite3.Error:
+                    connection.close()
+                    raise
             except sqlite3.Error as exc:
                 raise RegfsError(f"cannot open cache index {self.path}: {exc}") from exc
             self._local.connection = connection

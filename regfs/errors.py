@@ -63,5 +63,9 @@ class ObjectMissing(RemoteError):
     """An object that is on no remote it should be on."""
 
 
+class CacheError(RegfsError):
+    """The local cache cannot store an object (no space left, quota, permissions)."""
+
+
 class IntegrityError(RegfsError):
     """Downloaded bytes whose hash is not the one the metafile recorded."""

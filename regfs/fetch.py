@@ -16,7 +16,7 @@ from cachetools import LRUCache
 
 from regfs.cache import ObjectCache, ObjectRef
 from regfs.dvcmeta import DirEntry, parse_dir_manifest
-from regfs.errors import IntegrityError, RemoteError
+from regfs.errors import CacheError, IntegrityError, RemoteError
 from regfs.remotes import Remote
 from regfs.stats import Stats
 
@@ -52,6 +52,8 @@ class Fetcher:
         except RemoteError as exc:
             self.stats.remote_failed(remote.describe())
             raise type(exc)(f"cannot fetch object {ref.object_id}: {exc}") from exc
+        except CacheError as exc:
+            raise CacheError(f"{exc} from {remote.describe()}") from exc
         if downloads:  # not when another thread or process downloaded it while we waited
             started, size = downloads  # the size as downloaded: the object may be evicted already
             seconds = time.monotonic() - started

@@ -1,11 +1,14 @@
 """Read-only access to a registry's Git history, through a bare mirror (the only pygit2 user).
 
 The mirror lives under the cache directory, one per URL, and is fetched with `+refs/heads/*` and
-`+refs/tags/*` refspecs; no working tree is ever checked out. Fetches of one mirror by several
-processes are serialised by a lock file beside it. Commits and blobs are immutable, so everything
+`+refs/tags/*` refspecs (pruning refs the URL no longer has, never objects, so an old commit stays
+readable by sha); no working tree is ever checked out. A fetch gives up on a server that does not
+connect within 10 s or stays silent for 30 s. Fetches of one mirror by several processes are
+serialised by a lock file beside it. Commits and blobs are immutable, so everything
 read by sha can be cached forever by callers.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -26,9 +29,18 @@ logger = logging.getLogger(__name__)
 # group-shared cache, belong to whichever member created them: the check would only lock the
 # group out.
 pygit2.option(pygit2.enums.Option.SET_OWNER_VALIDATION, 0)
+# libgit2 waits forever by default on a server that accepts a connection and never answers, which
+# would hang a mount's start (and hold the mirror's lock against every other daemon). git servers
+# send a keep-alive at least every 5 s while they prepare a pack (`uploadpack.keepAlive`), so 30 s
+# of silence means the server is gone. Both values are milliseconds.
+CONNECT_TIMEOUT_MS = 10_000
+SERVER_TIMEOUT_MS = 30_000
+pygit2.option(pygit2.enums.Option.SET_SERVER_CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
+pygit2.option(pygit2.enums.Option.SET_SERVER_TIMEOUT, SERVER_TIMEOUT_MS)
 
 _REFSPECS = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"]
 _HEX = re.compile(r"^[0-9a-fA-F]{7,40}$")
+_FULL_HEX = re.compile(r"[0-9a-fA-F]{40}")
 MODE_EXEC = 0o100755
 MODE_LINK = 0o120000
 MODE_GITLINK = 0o160000
@@ -132,9 +144,16 @@ class Mirror:
             return None
 
     def resolve(self, revision: str) -> str:
-        """The commit sha a branch, tag, full sha or unique sha prefix (7+ hex digits) names."""
+        """The commit sha a branch, tag, full sha or unique sha prefix (7+ hex digits) names.
+
+        A full sha of a commit is that commit even where a branch has it as its name, as in
+        `git rev-parse` and libgit2's revparse (which DVC uses); a shorter prefix loses to a ref.
+        """
         with self._lock:
             repo = self.repo
+            if _FULL_HEX.fullmatch(revision):
+                with contextlib.suppress(RevisionNotFound):
+                    return self.find_commit(revision)
             candidates = [f"refs/tags/{revision}", f"refs/heads/{revision}"]
             if revision == "HEAD":
                 candidates.insert(0, "HEAD")

@@ -20,7 +20,14 @@ from regfs.address import is_local_url, local_path
 from regfs.cache import ObjectCache, ObjectRef
 from regfs.dvcconfig import Config, RemoteSpec, parse_config, user_levels
 from regfs.dvcmeta import DirEntry, ImportSource, Output
-from regfs.errors import ConfigError, IntegrityError, MetafileError, RevisionNotFound, SourceError
+from regfs.errors import (
+    ConfigError,
+    IntegrityError,
+    MetafileError,
+    RemoteError,
+    RevisionNotFound,
+    SourceError,
+)
 from regfs.fetch import Fetcher, ObjectStore
 from regfs.files import OpenFiles
 from regfs.git import Mirror
@@ -89,12 +96,20 @@ class Registry:
         self._stores: dict[tuple, ObjectStore] = {}
         self._lock = threading.RLock()
         self._fetched = False
+        self._unreachable = False  # the last fetch failed
 
     def update(self) -> None:
-        """Fetch the mirror from the URL."""
-        if self.local_dir is not None and not os.path.exists(self.local_dir):
-            raise SourceError(f"registry {self.url} does not exist")
-        self.mirror.fetch()
+        """Fetch the mirror from the URL; the first success after a failure is logged."""
+        try:
+            if self.local_dir is not None and not os.path.exists(self.local_dir):
+                raise SourceError(f"registry {self.url} does not exist")
+            self.mirror.fetch()
+        except SourceError:
+            self._unreachable = True
+            raise
+        if self._unreachable:
+            logger.info("fetched %s again: its refs are current", self.url)
+            self._unreachable = False
         self._fetched = True
 
     def update_or_reuse(self) -> None:
@@ -182,7 +197,13 @@ class Registry:
             raise
         refs = {entry.relpath: ObjectRef(entry.object_id, ref.hash_name) for entry in entries}
         unknown = [refs[entry.relpath] for entry in entries if entry.size is None]
-        sizes = store.sizes(unknown) if unknown else {}
+        try:
+            sizes = store.sizes(unknown) if unknown else {}
+        except (RemoteError, ConfigError) as exc:
+            # The remote cannot be asked (offline, say): each entry learns its size when stat'ed,
+            # from the cache if it is there; only the others fail then, not the whole directory.
+            logger.warning("sizes of the entries of %s in %s are not known yet: %s", path, self.url, exc)
+            sizes = {}
 
         def file_node(entry: DirEntry) -> Node:
             entry_ref = refs[entry.relpath]

@@ -4,10 +4,12 @@ Every name here passes `git check-ref-format`: shell metacharacters, unicode, a 
 component, deep nesting, a name that looks like a sha, names starting with `-` or `@`, a tag and a
 branch of one name. Unpinned, each ref is a symlink at its path to the right `@<sha>` (or, if it
 cannot be a path, is left out with a logged warning) and the tree behind it is the DVC oracle's;
-`URL@<name>` pins it, and `@<hex>` stays a commit even where a branch has that hex name. Names
+`URL@<name>` pins it, and `@<hex>` stays a commit even where a branch has that hex name (a full
+sha also pins the commit, as `git rev-parse` reads it; a shorter prefix pins the branch). Names
 that are no revision (`..`, `../../etc`, a 6-digit prefix, a blob) are ENOENT or one
 `regfs: error:` line. Some refs are shell commands that would create a canary file if regfs ever
-handed a revision to a shell; no test may find one.
+handed a revision to a shell; no test may find one. A ref name git itself forbids (`a..b`, only
+possible in a corrupt `packed-refs`) fails a local registry with one clear line.
 """
 
 from __future__ import annotations
@@ -146,6 +148,11 @@ def hostile(tools, tmp_path_factory) -> HostileRegistry:
     # name is ambiguous, and `git rev-parse` takes the branch).
     make_ref(registry, f"refs/heads/{commits[0][:12]}", commits[1])
     refs[commits[0][:12]] = commits[1]
+    # A branch named with the first commit's full sha, on the third commit: at its path it is that
+    # branch's symlink, but as a revision a full sha is the commit (git warns that such a ref is
+    # ignored when the 40 hex digits are given).
+    make_ref(registry, f"refs/heads/{commits[0]}", commits[2])
+    refs[commits[0]] = commits[2]
 
     canaries = []
     for number, command in enumerate(CANARY_COMMANDS):
@@ -159,9 +166,10 @@ def hostile(tools, tmp_path_factory) -> HostileRegistry:
     for name in UNSHOWABLE_BRANCHES:
         pinnable[name] = peeled(registry, f"refs/heads/{name}")
     pinnable[BELOW_A_TAG] = commits[1]
-    for name, sha in pinnable.items():  # what git itself says, by full ref name
+    pinnable[commits[0]] = commits[0]
+    for name, sha in pinnable.items():  # what git itself says, by full ref name (a full sha by itself)
         kind = "tags" if name in (*SHOWN_TAGS, *ANNOTATED_TAGS, SAME_NAME, "dup") else "heads"
-        assert peeled(registry, f"refs/{kind}/{name}") == sha, name
+        assert peeled(registry, name if name == commits[0] else f"refs/{kind}/{name}") == sha, name
     result = HostileRegistry(registry, commits, refs, pinnable, canaries,
                              warned=[*UNSHOWABLE_BRANCHES, BELOW_A_TAG])
     assert not result.canaries_found(), "a canary exists before any test ran"
@@ -218,7 +226,8 @@ def test_refs_that_cannot_be_paths_are_left_out_with_a_warning(hostile, mount, n
 
 
 def test_url_at_a_hostile_name_pins_that_commit(hostile, mount, oracle, no_canary):
-    names = [*PINNED_BY_MOUNT, CANARY_COMMANDS[1].format(canary=hostile.canaries[1]), hostile.commits[0][:12]]
+    names = [*PINNED_BY_MOUNT, CANARY_COMMANDS[1].format(canary=hostile.canaries[1]), hostile.commits[0][:12],
+             hostile.commits[0]]
     failures = []
     for name in names:
         commit_sha = hostile.pinnable[name]
@@ -267,15 +276,17 @@ def test_names_that_are_no_revision_are_enoent(hostile, mount, no_canary):
 
 
 def test_at_hex_is_a_commit_even_where_a_branch_has_that_name(hostile, mount, oracle, no_canary):
-    """`@<hex>` names a commit by id: a branch named with the first commit's sha prefix (shown as
-    a ref, pointing at the second commit) must not stand in for it."""
+    """`@<hex>` names a commit by id: branches named with the first commit's sha prefix (shown as
+    a ref, pointing at the second commit) and with its full sha (pointing at the third) must not
+    stand in for it."""
     mounted = mount(hostile.path)
-    first, second = hostile.commits[0], hostile.commits[1]
-    assert os.readlink(mounted / first[:12]) == "@" + second
-    assert_same_tree(snapshot(mounted / f"@{first[:12]}"), oracle.tree(hostile.path, first),
-                     f"@{first[:12]} (a commit prefix and a branch name)")
-    assert_same_tree(snapshot(mounted / first[:12]), oracle.tree(hostile.path, second),
-                     f"{first[:12]} (the branch)")
+    first, second, third = hostile.commits
+    for name, branch_commit in ((first[:12], second), (first, third)):
+        assert os.readlink(mounted / name) == "@" + branch_commit
+        assert_same_tree(snapshot(mounted / f"@{name}"), oracle.tree(hostile.path, first),
+                         f"@{name} (a commit's sha and a branch name)")
+        assert_same_tree(snapshot(mounted / name), oracle.tree(hostile.path, branch_commit),
+                         f"{name} (the branch)")
 
 
 @pytest.mark.parametrize("revision", ["..", "../../etc", "@", "{six_hex}", "{blob}", "$(x)x", BLOB_TAG,
@@ -316,3 +327,28 @@ def test_ls_of_hostile_names_lists_their_trees(hostile, regfs_cli, oracle, tmp_p
         if result.returncode != 0 or sorted(result.stdout.splitlines()) != expected:
             failures.append(f"{name!r}: {result}\nexpected {expected}")
     assert not failures, "\n".join(failures)
+
+
+def test_a_ref_name_git_forbids_fails_a_local_registry_with_one_clear_line(tools, regfs_cli, tmp_path):
+    """`..` is no part of a legal ref name, but a corrupt or hostile `packed-refs` can hold one.
+    libgit2 then refuses to fetch from the local registry at all: `regfs ls` says so in one line
+    naming the ref, and a mirror fetched earlier is served instead."""
+    registry = Registry.create(tools, tmp_path / "registry")
+    registry.write("README.txt", "a registry with a ref git forbids\n")
+    commit_sha = registry.commit("readme")
+    cache, early_cache = tmp_path / "cache", tmp_path / "early-cache"
+    early = regfs_cli("ls", f"{registry.path}@main", "--cache-dir", early_cache)
+    assert early.returncode == 0 and "README.txt" in early.stdout.split(), early
+
+    registry.git("pack-refs", "--all")
+    with open(registry.path / ".git" / "packed-refs", "a") as packed:
+        packed.write(f"{commit_sha} refs/heads/a..b\n")
+    result = regfs_cli("ls", f"{registry.path}@main", "--cache-dir", cache)
+    assert result.returncode == 1, result
+    lines = result.error_lines()
+    assert len(lines) == 1 and "refs/heads/a..b" in lines[0], result
+    assert "Traceback" not in result.stderr
+
+    served = regfs_cli("ls", f"{registry.path}@main", "--cache-dir", early_cache)
+    assert served.returncode == 0 and "README.txt" in served.stdout.split(), served
+    assert "serving the mirror as fetched at" in served.stderr and "refs/heads/a..b" in served.stderr

@@ -1,0 +1,139 @@
+"""A full disk under the cache: the cache directory is a small tmpfs (mounted here, as root), and
+a read needs more than it holds.
+
+The reader gets EIO, the log says no space was left and names the object and its remote, the
+half-written download is gone, objects cached before stay intact, the size index failing on the
+full disk costs no read, and once the tmpfs is grown the same read succeeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.registry import Registry, random_bytes
+from tests.trees import assert_same_tree, md5_hex, mentions_object, object_path, snapshot
+
+PAGE = 4096  # tmpfs allocates whole pages
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def resize(path: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True)
+
+
+def fill(path: Path, leave_pages: int) -> None:
+    """Write a file into `path`'s filesystem until it is full, then give back `leave_pages`."""
+    filler = path / "filler"
+    with open(filler, "wb", buffering=0) as file:
+        try:
+            while file.write(b"\0" * PAGE):
+                pass
+        except OSError as error:
+            assert error.errno == errno.ENOSPC, error
+    os.truncate(filler, filler.stat().st_size // PAGE * PAGE - leave_pages * PAGE)
+
+
+def cached_objects(cache: Path) -> dict[str, str]:
+    """The id of every object in a DVC 3 cache layout (named by its path) -> the md5 of its bytes."""
+    return {path.parent.name + path.name: md5_hex(path.read_bytes())
+            for path in (cache / "files" / "md5").glob("??/*")}
+
+
+def intact(objects: dict[str, str]) -> bool:
+    return all(object_id.removesuffix(".dir") == digest for object_id, digest in objects.items())
+
+
+@pytest.fixture(scope="module")
+def registry(tools, tmp_path_factory) -> Registry:
+    parent = tmp_path_factory.mktemp("disk-faults")
+    registry = Registry.create(tools, parent / "registry", remotes={"store": str(parent / "store")},
+                               default_remote="store")
+    registry.write("small/a.bin", random_bytes(61, 300_000))
+    registry.write("small/b.txt", "b\n")
+    registry.write("one.bin", random_bytes(62, 500_000))
+    registry.write("note.txt", "a note that fits in one page\n")
+    registry.write("huge.bin", random_bytes(63, 12 * 1024 * 1024))
+    registry.add("small", "one.bin", "note.txt", "huge.bin")
+    registry.push()
+    registry.commit("data")
+    return registry
+
+
+def test_a_full_cache_disk_fails_the_read_cleanly_and_recovers_when_space_is_freed(registry, mount, oracle,
+                                                                                   tmp_path):
+    expected = oracle.tree(registry.path, "main")
+    huge_id, note_id = md5_hex(expected["huge.bin"][2]), md5_hex(expected["note.txt"][2])
+
+    with tmpfs(tmp_path / "cache", "4m") as cache:
+        mounted = mount(f"{registry.path}@main", cache_dir=cache, expect_errors=huge_id)
+        try:
+            tree = snapshot(mounted.path, skip=["huge.bin", "note.txt"])
+            assert_same_tree(tree, {path: entry for path, entry in expected.items()
+                                    if path not in ("huge.bin", "note.txt")}, "what fits in the cache")
+            before = cached_objects(cache)
+            assert len(before) == 4 and intact(before)  # small/'s manifest, its 2 files, one.bin
+
+            with pytest.raises(OSError) as caught:
+                (mounted / "huge.bin").read_bytes()
+            assert caught.value.errno in (errno.EIO, errno.ENOSPC), caught.value
+            lines = [line for line in mounted.error_lines() if mentions_object(line, huge_id)]
+            assert lines and "no space left on device" in lines[0] and "remote 'store'" in lines[0], \
+                mounted.log_tail()
+            assert not list((cache / "regfs" / "tmp").iterdir()), "a partial download was left behind"
+            assert not object_path(cache, huge_id).exists()
+            assert cached_objects(cache) == before, "objects cached before the failure changed"
+
+            # Full to the last page but one: `note.txt` fits, the size index's next write does not.
+            fill(cache, leave_pages=1)
+            assert (mounted / "note.txt").read_bytes() == expected["note.txt"][2]
+            assert md5_hex(object_path(cache, note_id).read_bytes()) == note_id
+            assert "cannot record object sizes" in mounted.log_text(), \
+                f"the size index did not fail on the full disk:\n{mounted.log_tail()}"
+            assert_same_tree(snapshot(mounted.path, skip=["huge.bin"]),
+                             {path: entry for path, entry in expected.items() if path != "huge.bin"},
+                             "everything cached, on a full disk")
+
+            resize(cache, "64m")
+            assert hashlib.md5((mounted / "huge.bin").read_bytes()).hexdigest() == huge_id
+            assert intact(after := cached_objects(cache)) and set(after) == {*before, note_id, huge_id}
+            assert not list((cache / "regfs" / "tmp").iterdir())
+        finally:
+            mounted.unmount()
+
+
+def test_a_daemon_starts_on_a_full_cache_disk_and_serves_what_is_cached(registry, mount, oracle, tmp_path):
+    """On a disk too full for sqlite to create its -wal/-shm files, a new daemon still mounts
+    (without a size index) and reads every cached object."""
+    expected = {path: entry for path, entry in oracle.tree(registry.path, "main").items()
+                if path != "huge.bin"}
+    with tmpfs(tmp_path / "cache", "4m") as cache:
+        first = mount(registry.path, cache_dir=cache)
+        try:
+            assert_same_tree(snapshot(first / "main", skip=["huge.bin"]), expected, "filling the cache")
+        finally:
+            first.unmount()
+        fill(cache, leave_pages=0)
+        second = mount(registry.path, cache_dir=cache)
+        try:
+            assert "cannot open size index" in second.log_text(), second.log_tail()
+            assert_same_tree(snapshot(second / "main", skip=["huge.bin"]), expected, "on the full disk")
+        finally:
+            second.unmount()
