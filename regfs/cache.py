@@ -26,10 +26,12 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from cachetools import LRUCache
+
 from regfs.cacheindex import SizeIndex, UsageIndex
 from regfs.dvcmeta import HASH_LEGACY, HASH_MD5
 from regfs.errors import CacheError, IntegrityError, RegfsError
-from regfs.hashing import StreamHasher
+from regfs.hashing import CHUNK, StreamHasher
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +116,7 @@ class ObjectCache:
         self.watcher = CacheWatcher()
         self._held: dict[ObjectRef, int] = {}  # objects open in this process, and how many times
         self._held_lock = threading.Lock()
+        self._verified: LRUCache = LRUCache(maxsize=65536)  # relpath -> signature found intact here
 
     def path(self, ref: ObjectRef) -> str:
         return os.path.join(self.directory, ref.relpath)
@@ -164,19 +167,60 @@ class ObjectCache:
             if tmp_path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp_path)
-        self.sizes.put(ref, writer.size)  # after the rename: a full disk fails the index, not the read
+        # After the rename: a full disk fails the indexes, not the read.
+        self.sizes.put(ref, writer.size)
+        info = os.stat(target)
+        self.mark_verified(ref, (info.st_ino, info.st_size, info.st_mtime_ns))
         self.watcher.installed(writer.size)
 
     def open(self, ref: ObjectRef, locate: Callable[[], str]) -> int:
-        """A read-only descriptor of the object at the path `locate` gives (fetching it if need be).
-        Another process may evict the object between `locate` and the open: then locate it again."""
+        """A read-only descriptor of the object at the path `locate` gives (fetching it if need be),
+        whose bytes are known to hash to its id. Another process may evict the object between
+        `locate` and the open, and a cache file may have been damaged: then locate it again."""
         for _ in range(_OPEN_ATTEMPTS):
             try:
-                return os.open(locate(), os.O_RDONLY)
+                fd = os.open(locate(), os.O_RDONLY)
             except FileNotFoundError:
                 logger.debug("object %s was evicted before it could be opened; fetching it again", ref.object_id)
-        raise RegfsError(f"object {ref.object_id} was evicted from the cache {_OPEN_ATTEMPTS} times before "
-                         f"it could be opened; is another process evicting everything (a cache size of 0)?")
+                continue
+            if self._intact(ref, fd):
+                return fd
+            os.close(fd)  # dropped: the next round fetches it again
+        raise RegfsError(f"object {ref.object_id} was evicted from the cache, or found corrupt, "
+                         f"{_OPEN_ATTEMPTS} times before it could be opened; is another process evicting "
+                         f"everything (a cache size of 0), or is the remote's copy corrupt too?")
+
+    def _intact(self, ref: ObjectRef, fd: int) -> bool:
+        """Whether the open cache file holds the object's bytes: yes if it is the very file found
+        intact before (same inode, size, mtime); else hashed now. A corrupt file is removed."""
+        info = os.fstat(fd)
+        signature = (info.st_ino, info.st_size, info.st_mtime_ns)
+        with self._held_lock:
+            known = self._verified.get(ref.relpath) == signature
+        if known or self.sizes.verified(ref.relpath) == signature:
+            with self._held_lock:
+                self._verified[ref.relpath] = signature
+            return True
+        hasher, offset = StreamHasher(ref.hash_name), 0
+        while chunk := os.pread(fd, CHUNK, offset):
+            hasher.update(chunk)
+            offset += len(chunk)
+        digest = hasher.hexdigest()
+        if digest == ref.digest:
+            self.mark_verified(ref, signature)
+            return True
+        logger.error("cached object %s is corrupt (its bytes hash to %s, %d bytes): removing it to fetch it "
+                     "again", ref.object_id, digest, offset)
+        with self._locked(ref), contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.stat(self.path(ref)), info):
+                os.unlink(self.path(ref))
+        self.sizes.forget([ref.relpath])
+        return False
+
+    def mark_verified(self, ref: ObjectRef, signature: tuple[int, int, int]) -> None:
+        with self._held_lock:
+            self._verified[ref.relpath] = signature
+        self.sizes.mark_verified(ref.relpath, signature)
 
     def hold(self, ref: ObjectRef) -> None:
         """Keep `ref` from being removed by this process (it is open here) until `release`."""

@@ -223,6 +223,7 @@ def _check(cache: ObjectCache, item: CachedObject) -> Checked:
         return Checked(item, path, problem=f"cannot read it: {exc.strerror}")
     digest = hasher.hexdigest()
     if digest == item.ref.digest:
+        cache.mark_verified(item.ref, (info.st_ino, info.st_size, info.st_mtime_ns))
         return Checked(item, path, digest)
     problem = f"corrupt: its bytes hash to {digest} ({item.ref.hash_name}), not {item.ref.digest}"
     try:

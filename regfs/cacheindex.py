@@ -78,10 +78,34 @@ class _SqliteIndex:
 
 
 class SizeIndex(_SqliteIndex):
-    """Persistent object sizes (an object's size never changes)."""
+    """Persistent object sizes (an object's size never changes), and the files found intact.
+
+    `verified`: the (inode, size, mtime) of a cache file when its bytes last hashed to its name (at
+    download, or by `regfs cache verify`). A file that still has them is trusted; any write or
+    truncation changes them, and the file is hashed again before a byte of it is served.
+    """
 
     def __init__(self, path: str):
-        super().__init__(path, ("CREATE TABLE IF NOT EXISTS sizes (object TEXT PRIMARY KEY, size INTEGER)",))
+        super().__init__(path, (
+            "CREATE TABLE IF NOT EXISTS sizes (object TEXT PRIMARY KEY, size INTEGER)",
+            "CREATE TABLE IF NOT EXISTS verified (object TEXT PRIMARY KEY, inode INTEGER, size INTEGER, mtime_ns INTEGER)",
+        ))
+
+    def verified(self, relpath: str) -> tuple[int, int, int] | None:
+        try:
+            row = self._connection().execute("SELECT inode, size, mtime_ns FROM verified WHERE object = ?",
+                                              (relpath,)).fetchone()
+        except _ERRORS as exc:  # the file is hashed again: slower, never wrong
+            logger.warning("cannot read %s: %s", self.path, exc)
+            return None
+        return tuple(row) if row else None
+
+    def mark_verified(self, relpath: str, signature: tuple[int, int, int]) -> None:
+        try:
+            with self._connection() as connection:
+                connection.execute("INSERT OR REPLACE INTO verified VALUES (?, ?, ?, ?)", (relpath, *signature))
+        except _ERRORS as exc:
+            logger.warning("cannot record a verified object in %s: %s", self.path, exc)
 
     def get_many(self, refs: list) -> dict:
         by_key = {ref.relpath: ref for ref in refs}
@@ -109,7 +133,7 @@ class SizeIndex(_SqliteIndex):
     def forget(self, relpaths: list[str]) -> None:
         """Drop sizes that may have been learned from a corrupt cached copy."""
         try:
-            self._delete(("sizes",), relpaths)
+            self._delete(("sizes", "verified"), relpaths)
         except _ERRORS as exc:
             logger.warning("cannot remove object sizes from %s: %s", self.path, exc)
 

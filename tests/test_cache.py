@@ -91,3 +91,43 @@ def test_remote_option_selects_another_remote(tools, mount, oracle, tmp_path):
 
     mounted = mount(f"{registry.path}@main", "--remote", "mirror")
     assert_same_tree(snapshot(mounted.path), expected, "@main with --remote mirror, default remote gone")
+
+
+def _damage(path: Path, how: str) -> None:
+    """Damage a cache file in place, as a stray writer would: the mtime moves with the write."""
+    path.chmod(0o644)
+    data = path.read_bytes()
+    if how == "flip":
+        with open(path, "r+b") as file:
+            file.seek(len(data) // 2)
+            file.write(bytes([data[len(data) // 2] ^ 0x01]))
+    else:
+        with open(path, "r+b") as file:
+            file.truncate(len(data) // 2)
+    path.chmod(0o444)
+
+
+def test_a_damaged_cache_entry_is_never_served_but_dropped_and_fetched_again(basic, mount, oracle, tmp_path):
+    """Files regfs verified at download, and files DVC wrote, damaged in the cache afterwards (a
+    flipped bit, a truncation): a new mount hashes them before serving a byte, removes them, and
+    serves DVC's bytes fetched again from the remote."""
+    source, _ = copy_registry(basic, tmp_path / "copy")
+    cache_dir = tmp_path / "cache"
+    expected = oracle.tree(basic.path, "v2.0")
+    first = mount(f"{source}@v2.0", cache_dir=cache_dir)
+    assert_same_tree(snapshot(first.path), expected, "first mount")
+    first.unmount()
+
+    damaged = {"big.bin": "flip", "data/a.txt": "truncate"}
+    for relpath, how in damaged.items():
+        _damage(object_path(cache_dir, md5_hex(expected[relpath][2])), how)
+
+    second = mount(f"{source}@v2.0", cache_dir=cache_dir, expect_errors="is corrupt")
+    assert_same_tree(snapshot(second.path), expected, "mount over the damaged cache")
+    log = second.log_text()
+    for relpath in damaged:
+        object_id = md5_hex(expected[relpath][2])
+        assert mentions_object(log, object_id), f"nothing logged about the damaged {relpath}"
+        assert f"cached object {object_id} is corrupt" in log
+        assert md5_hex(object_path(cache_dir, object_id).read_bytes()) == object_id, "not fetched again"
+    assert log.count(" is corrupt ") == len(damaged), "intact objects were taken for corrupt ones"
