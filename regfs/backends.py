@@ -12,10 +12,14 @@ and HEAD requests on the aiohttp session and event loop of fsspec's HTTPFileSyst
 `info` and `cat_file` are not used: `info` reports any failed HEAD as a missing file (a 503 would
 become ENOENT), and `cat_file` takes whatever body a Range request gets back. An HTTP remote cannot
 be listed (as for DVC), so its sizes come from HEAD requests.
+
+botocore's DEBUG log prints every request's headers, S3 session tokens included, and its signing
+steps: its loggers are held at INFO, so that `--debug` shows regfs's own detail and no credential.
 """
 
 import asyncio
 import errno
+import logging
 import os
 import ssl
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -29,6 +33,10 @@ from botocore.exceptions import SSLError as BotoSSLError
 
 from regfs.dvcconfig import RemoteSpec
 from regfs.errors import ConfigError
+
+for _name in ("botocore", "aiobotocore"):
+    if logging.getLogger(_name).level == logging.NOTSET:  # unless someone chose a level on purpose
+        logging.getLogger(_name).setLevel(logging.INFO)
 
 CHUNK = 8 << 20  # bytes per ranged request, at most: what a failed request costs to repeat
 

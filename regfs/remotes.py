@@ -32,6 +32,7 @@ import functools
 import logging
 import posixpath
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -143,7 +144,7 @@ class Remote:
                 return result
 
     def _reason(self, exc: BaseException) -> str:
-        text = backends.reason(exc)
+        text = re.sub(r"(\w+://)[^/@\s]*@", r"\1", backends.reason(exc))  # user:password@ in any URL
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
@@ -198,8 +199,8 @@ def _policy(spec: RemoteSpec) -> RetryPolicy:
         try:
             values[field.name] = field.type(text)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"remote '{spec.name}': {field.name} must be a {field.type.__name__}, "
-                              f"not {text!r}") from exc
+            what = "a whole number" if field.type is int else "a number of seconds"
+            raise ConfigError(f"remote '{spec.name}': {field.name} must be {what}, not {text!r}") from exc
         if values[field.name] < 0:
             raise ConfigError(f"remote '{spec.name}': {field.name} cannot be negative")
     return RetryPolicy(**values)

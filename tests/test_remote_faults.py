@@ -25,6 +25,9 @@ from pathlib import Path
 import pytest
 
 from regfs.backends import CHUNK
+from regfs.dvcconfig import RemoteSpec
+from regfs.errors import ConfigError
+from regfs.remotes import open_remote
 from tests.faultproxy import BODY_KINDS, STATUS_KINDS, FaultProxy
 from tests.httpserver import HTTPRemoteServer
 from tests.mounting import Mount
@@ -310,3 +313,13 @@ def _hide_object(case: Case, object_id: str, tmp_path: Path):
     key = f"prefix/files/md5/{object_id[:2]}/{object_id[2:]}"
     client.delete_object(Bucket=BUCKET, Key=key)
     return lambda: client.put_object(Bucket=BUCKET, Key=key, Body=FILES["missing.bin"])
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("retries", "two", "retries must be a whole number, not 'two'"),
+    ("read_timeout", "soon", "read_timeout must be a number of seconds, not 'soon'"),
+    ("retry_timeout", "-1", "retry_timeout cannot be negative"),
+])
+def test_retry_options_are_checked(option, value, message):
+    with pytest.raises(ConfigError, match=message):
+        open_remote(RemoteSpec("store", "/srv/store", {option: value}))
