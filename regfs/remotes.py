@@ -158,16 +158,15 @@ class Remote:
         listed = {d for d, paths in by_dir.items() if lists and len(paths) >= _LIST_THRESHOLD}
         single = [p for d, paths in by_dir.items() if d not in listed for p in paths]
         found: dict[str, int] = {}
-        with ThreadPoolExecutor(max_workers=8) as pool:
+        pool = ThreadPoolExecutor(max_workers=8)
+        try:
             jobs = [pool.submit(self._list_sizes, d) for d in listed]
             jobs += [pool.submit(self._size, p) for p in single]
-            try:
-                for job in jobs:
-                    found.update(job.result())
-            except RemoteError:
-                for job in jobs:  # the remote failed: do not make the caller wait out every request
-                    job.cancel()
-                raise
+            for job in jobs:
+                found.update(job.result())
+        finally:
+            # After a failure the caller has its answer: the requests still running end on their own.
+            pool.shutdown(wait=False, cancel_futures=True)
         wanted = set(relpaths)
         return {relpath: size for relpath, size in found.items() if relpath in wanted}
 

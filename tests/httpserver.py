@@ -1,10 +1,10 @@
 """A static HTTP server on 127.0.0.1 for DVC's http remote: GET, HEAD and Range requests, optional
 basic authentication (stdlib, one thread per connection, HTTP/1.1 keep-alive).
 
-It serves a directory, typically a local DVC remote that `dvc push` filled, so the same objects
-are read over HTTP by `dvc pull` (the oracle) and by regfs. Only `bytes=A-B`, `bytes=A-` and
-`bytes=-N` single ranges are understood; other Range headers get the whole file, as RFC 9110
-allows. Nothing outside the directory is ever served.
+It serves a directory, over HTTP or HTTPS (`self_signed_tls`), typically a local DVC remote that
+`dvc push` filled, so the same objects are read over HTTP by `dvc pull` (the oracle) and by regfs.
+Only `bytes=A-B`, `bytes=A-` and `bytes=-N` single ranges are understood; other Range headers get
+the whole file, as RFC 9110 allows. Nothing outside the directory is ever served.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import http.server
 import re
+import ssl
+import subprocess
 import threading
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -20,17 +22,21 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
 class BackgroundServer:
-    """A threaded HTTP server on 127.0.0.1 and a free port, serving from a daemon thread."""
+    """A threaded HTTP server on 127.0.0.1 and a free port, serving from a daemon thread; HTTPS
+    with a `tls` context."""
 
-    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler]):
+    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler], tls: ssl.SSLContext | None = None):
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        self._scheme = "https" if tls else "http"
         self._thread = threading.Thread(target=self._server.serve_forever, name=type(self).__name__, daemon=True)
 
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self._scheme}://{host}:{port}"
 
     def start(self):
         self._thread.start()
@@ -45,11 +51,12 @@ class BackgroundServer:
 class HTTPRemoteServer(BackgroundServer):
     """`server = HTTPRemoteServer(directory, credentials=("user", "pw")).start()`; `server.url`."""
 
-    def __init__(self, directory: Path, credentials: tuple[str, str] | None = None):
+    def __init__(self, directory: Path, credentials: tuple[str, str] | None = None,
+                 tls: ssl.SSLContext | None = None):
         self.directory = Path(directory).resolve()
         self.credentials = credentials
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
-        super().__init__(_handler_for(self))
+        super().__init__(_handler_for(self), tls)
 
     def authorized(self, header: str | None) -> bool:
         if self.credentials is None:
@@ -132,3 +139,15 @@ def _copy(source, target, length: int) -> None:
         target.write(data)
         length -= len(data)
 
+
+
+def self_signed_tls(directory: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server context with a new self-signed certificate for 127.0.0.1, and the certificate's
+    path (the CA bundle a client must be given to trust it)."""
+    certificate, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key, "-out", certificate],
+                   check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, key)
+    return context, certificate

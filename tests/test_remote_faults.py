@@ -29,7 +29,7 @@ from regfs.dvcconfig import RemoteSpec
 from regfs.errors import ConfigError
 from regfs.remotes import open_remote
 from tests.faultproxy import BODY_KINDS, STATUS_KINDS, FaultProxy
-from tests.httpserver import HTTPRemoteServer
+from tests.httpserver import HTTPRemoteServer, self_signed_tls
 from tests.mounting import Mount
 from tests.registry import Registry, random_bytes
 from tests.trees import Snapshot, md5_hex, object_path
@@ -313,6 +313,24 @@ def _hide_object(case: Case, object_id: str, tmp_path: Path):
     key = f"prefix/files/md5/{object_id[:2]}/{object_id[2:]}"
     client.delete_object(Bucket=BUCKET, Key=key)
     return lambda: client.put_object(Bucket=BUCKET, Key=key, Body=FILES["missing.bin"])
+
+
+def test_https_with_a_ca_bundle_and_a_refused_certificate(http_case, mount, tmp_path):
+    """The same objects over HTTPS, with a self-signed certificate: `ssl_verify = <its path>` reads
+    them; without it the certificate is refused at once (no retry) and the read gives EIO."""
+    tls, certificate = self_signed_tls(tmp_path)
+    server = HTTPRemoteServer(http_case.registry.path.parent, tls=tls).start()
+    source, remote_url = f"{http_case.registry.path}@main", f"web.url={server.url}/store"
+    try:
+        trusted = mount(source, "--remote-config", remote_url, "--remote-config", f"web.ssl_verify={certificate}")
+        assert read(trusted / "dir" / "b.bin").data == http_case.data("dir/b.bin")
+        refused = mount(source, "--remote-config", remote_url, expect_errors=r"read /500-transient\.bin: ")
+        assert read(refused / "500-transient.bin").errno == errno.EIO
+        (line,) = refused.error_lines()
+        assert "certificate" in line.lower() and "gave up" not in line, line
+        assert " WARNING " not in refused.log_text()
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("option, value, message", [
