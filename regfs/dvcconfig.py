@@ -78,11 +78,12 @@ def parse_config(text: str, base_dir: str | None = None) -> Config:
 
 
 def parse_override(text: str) -> tuple[str, str, str]:
-    """`NAME.KEY=VALUE` from --remote-config."""
+    """`NAME.KEY=VALUE` from --remote-config (the value may be a secret: never shown)."""
     target, sep, value = text.partition("=")
     name, dot, key = target.rpartition(".")
     if not sep or not dot or not name or not key:
-        raise ConfigError(f"--remote-config expects NAME.KEY=VALUE, got {text!r}")
+        shown = f"{target}=..." if sep else target
+        raise ConfigError(f"--remote-config expects NAME.KEY=VALUE, got {shown!r}")
     return name.lower(), key.lower(), value
 
 

@@ -1,41 +1,96 @@
-"""Remotes: where objects are downloaded from (the only importer of fsspec backends).
+"""Remotes: where objects are downloaded from, with bounded retries (requests are in backends.py).
 
 A `Remote` answers three questions about objects by their relative path (`files/md5/ab/cd...`):
-stream its bytes, and its size, one by one or in bulk. Supported: local directories and S3 (s3fs),
-configured with DVC's option names. Errors come out as `ObjectMissing` or `RemoteError` naming the
-remote; credentials never appear in messages (`describe` shows name and URL only).
+stream its bytes, and its size, one by one or in bulk. Supported: local directories, S3 and
+HTTP(S), configured with DVC's option names. Errors come out as `ObjectMissing` or `RemoteError`
+naming the remote and the last reason; credentials never appear in them: `url` and `describe()`
+show the URL without its `user:password@`, and every reason is scrubbed of the remote's secrets.
+
+Retries. A download learns the object's size first (HEAD), then asks for it in ranges of at most
+`CHUNK` bytes; a failed request is repeated from the first byte not yet delivered, never from the
+start, and a body shorter than its range is a failed request (retried), never a short object and
+never a corrupt one. Transient failures are retried: 5xx answers (S3's SlowDown and InternalError
+included), 408 and 429, refused or reset connections, short bodies, timeouts. A missing object
+(404, NoSuchKey) is never retried; a refusal (401, 403) and any other answer fail at once. The
+budget of one object (each a remote option, `--remote-config NAME.read_timeout=5`):
+
+- `connect_timeout` (default 10 s) bounds connecting; `read_timeout` (default 30 s) the silence
+  within a request, waiting for its headers or for more of its body: a stall.
+- After a failure regfs waits 0.25-0.5 s, then 0.5-1, 1-2, 2-4, 4-8 s (exponential, jittered so
+  that readers failed together retry apart). It gives up after `retries` (default 5) retries in a
+  row that delivered nothing, or when the next retry would start more than `retry_timeout`
+  (default 60 s) after the download started or last delivered a range.
+- So an object on a dead or stalled remote fails within retry_timeout + connect_timeout +
+  read_timeout (100 s by default), on a remote that refuses quickly within about 16 s; a remote
+  that keeps delivering ranges, however slowly, is never cut off.
+
+`retries` and `retry_timeout` are regfs's own options (DVC has no such keys). Sizes (HEAD and
+listing requests) get the same budget per request.
 """
 
+import functools
 import logging
-import os
 import posixpath
-from collections.abc import Iterator
+import random
+import re
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 
-import fsspec
-
+from regfs import backends
+from regfs.backends import CHUNK, public_url
 from regfs.dvcconfig import RemoteSpec
 from regfs.errors import ConfigError, ObjectMissing, RemoteError
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 8 << 20
 _LIST_THRESHOLD = 8  # objects wanted below one prefix dir before a listing beats HEAD requests
+_SECRET_OPTIONS = ("password", "secret_access_key", "session_token")
 
-try:  # s3fs lets some botocore errors through untranslated
-    from botocore.exceptions import BotoCoreError, ClientError
 
-    _BACKEND_ERRORS: tuple = (OSError, ValueError, BotoCoreError, ClientError)
-except ImportError:  # pragma: no cover - botocore comes with s3fs
-    _BACKEND_ERRORS = (OSError, ValueError)
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 5
+    retry_timeout: float = 60.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    first_delay: float = 0.5
+    max_delay: float = 8.0
+
+
+class _Attempts:
+    """The retry budget of one object: failures since the last delivered range, and since when."""
+
+    def __init__(self, policy: RetryPolicy):
+        self._policy = policy
+        self.failures = 0
+        self._since = self.started = time.monotonic()
+
+    def progressed(self) -> None:
+        self.failures, self._since = 0, time.monotonic()
+
+    def next_delay(self) -> float | None:
+        """Seconds to wait before retrying after one more failure, or None to give up."""
+        self.failures += 1
+        if self.failures > self._policy.retries:
+            return None
+        ceiling = min(self._policy.max_delay, self._policy.first_delay * 2 ** (self.failures - 1))
+        delay = random.uniform(ceiling / 2, ceiling)
+        if time.monotonic() + delay - self._since > self._policy.retry_timeout:
+            return None
+        return delay
 
 
 class Remote:
-    def __init__(self, spec: RemoteSpec, fs: fsspec.AbstractFileSystem, root: str):
+    def __init__(self, spec: RemoteSpec, backend: backends.Backend, root: str, policy: RetryPolicy):
         self.name = spec.name
-        self.url = spec.url
-        self._fs = fs
+        self.url = public_url(spec.url)
+        self._backend = backend
         self._root = root.rstrip("/")
+        self._policy = policy
+        values = [spec.options.get(name) for name in _SECRET_OPTIONS] + backends.url_credentials(spec.url)
+        self._secrets = sorted({str(value) for value in values if value}, key=len, reverse=True)
 
     def describe(self) -> str:
         return f"remote '{self.name}' ({self.url})"
@@ -45,96 +100,106 @@ class Remote:
 
     def stream(self, relpath: str) -> Iterator[bytes]:
         """The object's bytes in chunks; raises ObjectMissing or RemoteError."""
-        try:
-            with self._fs.open(self._path(relpath), "rb", block_size=CHUNK) as file:
-                while chunk := file.read(CHUNK):
-                    yield chunk
-        except FileNotFoundError as exc:
-            raise ObjectMissing(f"object {relpath} is missing on {self.describe()}") from exc
-        except _BACKEND_ERRORS as exc:
-            raise RemoteError(f"cannot read {relpath} from {self.describe()}: {_reason(exc)}") from exc
+        path, attempts = self._path(relpath), _Attempts(self._policy)
+        size = self._retrying(attempts, relpath, lambda: self._backend.size(path))
+        if size is None:
+            raise ObjectMissing(f"object {relpath} is missing on {self.describe()}")
+        offset = 0
+        while offset < size:
+            end = min(offset + CHUNK, size)
+            chunk = self._retrying(attempts, relpath, functools.partial(self._read_range, path, offset, end))
+            offset += len(chunk)
+            yield chunk
+
+    def _read_range(self, path: str, start: int, end: int) -> bytes:
+        data = self._backend.read(path, start, end)
+        if len(data) < end - start:
+            raise backends.ShortBody(f"short body: {len(data)} of {end - start} bytes at offset {start}")
+        if len(data) > end - start:
+            raise backends.Fault(f"{len(data)} bytes for a range of {end - start} at offset {start}")
+        return data
+
+    def _retrying(self, attempts: _Attempts, relpath: str, request: Callable):
+        """`request()` until it succeeds or the object's retry budget is spent."""
+        while True:
+            try:
+                result = request()
+            except FileNotFoundError as exc:
+                raise ObjectMissing(f"object {relpath} is missing on {self.describe()}") from exc
+            except backends.ERRORS as exc:
+                reason = self._reason(exc)
+                if not backends.transient(exc):
+                    raise RemoteError(f"cannot read {relpath} from {self.describe()}: {reason}") from exc
+                delay = attempts.next_delay()
+                if delay is None:
+                    raise RemoteError(
+                        f"cannot read {relpath} from {self.describe()}: {reason} (gave up after "
+                        f"{attempts.failures} failed attempts, {time.monotonic() - attempts.started:.1f} s)"
+                    ) from exc
+                logger.warning("reading %s from %s failed (%s); retry %d of %d in %.1f s", relpath,
+                               self.describe(), reason, attempts.failures, self._policy.retries, delay)
+                time.sleep(delay)
+            else:
+                attempts.progressed()
+                return result
+
+    def _reason(self, exc: BaseException) -> str:
+        text = re.sub(r"(\w+://)[^/@\s]*@", r"\1", backends.reason(exc))  # user:password@ in any URL
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def sizes(self, relpaths: list[str]) -> dict[str, int]:
         """Sizes of the objects that exist; missing ones are left out."""
         by_dir: dict[str, list[str]] = {}
         for relpath in relpaths:
             by_dir.setdefault(posixpath.dirname(relpath), []).append(relpath)
-        listed = [d for d, paths in by_dir.items() if len(paths) >= _LIST_THRESHOLD]
-        single = [p for d, paths in by_dir.items() if len(paths) < _LIST_THRESHOLD for p in paths]
+        lists = self._backend.can_list
+        listed = {d for d, paths in by_dir.items() if lists and len(paths) >= _LIST_THRESHOLD}
+        single = [p for d, paths in by_dir.items() if d not in listed for p in paths]
         found: dict[str, int] = {}
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            for result in pool.map(self._list_sizes, listed):
-                found.update(result)
-            for relpath, size in zip(single, pool.map(self._size, single)):
-                if size is not None:
-                    found[relpath] = size
+        pool = ThreadPoolExecutor(max_workers=8)
+        try:
+            jobs = [pool.submit(self._list_sizes, d) for d in listed]
+            jobs += [pool.submit(self._size, p) for p in single]
+            for job in jobs:
+                found.update(job.result())
+        finally:
+            # After a failure the caller has its answer: the requests still running end on their own.
+            pool.shutdown(wait=False, cancel_futures=True)
         wanted = set(relpaths)
         return {relpath: size for relpath, size in found.items() if relpath in wanted}
 
-    def _size(self, relpath: str) -> int | None:
-        try:
-            return int(self._fs.info(self._path(relpath))["size"])
-        except FileNotFoundError:
-            return None
-        except _BACKEND_ERRORS as exc:
-            raise RemoteError(f"cannot stat {relpath} on {self.describe()}: {_reason(exc)}") from exc
+    def _size(self, relpath: str) -> dict[str, int]:
+        path = self._path(relpath)
+        size = self._retrying(_Attempts(self._policy), relpath, lambda: self._backend.size(path))
+        return {} if size is None else {relpath: size}
 
     def _list_sizes(self, reldir: str) -> dict[str, int]:
-        try:
-            entries = self._fs.ls(self._path(reldir), detail=True)
-        except FileNotFoundError:
-            return {}
-        except _BACKEND_ERRORS as exc:
-            raise RemoteError(f"cannot list {reldir} on {self.describe()}: {_reason(exc)}") from exc
+        path = self._path(reldir)
+        entries = self._retrying(_Attempts(self._policy), reldir + "/", lambda: self._backend.list(path))
         prefix = self._root + "/"
-        return {entry["name"].removeprefix(prefix): int(entry["size"])
-                for entry in entries if entry.get("type") == "file"}
+        return {name.removeprefix(prefix): size for name, size in entries}
 
 
 def open_remote(spec: RemoteSpec) -> Remote:
-    if spec.is_local:
-        return Remote(spec, fsspec.filesystem("file"), os.path.abspath(spec.url))
-    scheme, _, rest = spec.url.partition("://")
-    if scheme == "s3":
-        return Remote(spec, fsspec.filesystem("s3", **_s3_options(spec)), rest)
-    raise ConfigError(f"remote '{spec.name}': {scheme}:// remotes are not supported yet (local and s3 are)")
+    policy = _policy(spec)
+    backend, root = backends.open_backend(spec, policy.connect_timeout, policy.read_timeout)
+    return Remote(spec, backend, root, policy)
 
 
-def _s3_options(spec: RemoteSpec) -> dict:
-    """s3fs arguments for DVC's S3 remote options (dvc-s3 names them the same way)."""
-    options = spec.options
-    client: dict = {}
-    config: dict = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3}}
-    kwargs: dict = {"client_kwargs": client, "config_kwargs": config}
-    if options.get("endpointurl"):
-        client["endpoint_url"] = options["endpointurl"]
-    if options.get("region"):
-        client["region_name"] = options["region"]
-    if "ssl_verify" in options:
-        verify = options["ssl_verify"]
-        client["verify"] = _bool(verify) if str(verify).lower() in ("true", "false") else verify
-    for dvc_name, s3fs_name in (("access_key_id", "key"), ("secret_access_key", "secret"),
-                                ("session_token", "token"), ("profile", "profile")):
-        if options.get(dvc_name):
-            kwargs[s3fs_name] = options[dvc_name]
-    if "use_ssl" in options:
-        kwargs["use_ssl"] = _bool(options["use_ssl"])
-    if _bool(options.get("allow_anonymous_login", False)) and not kwargs.get("key"):
-        kwargs["anon"] = True
-    for name in ("read_timeout", "connect_timeout"):
-        if options.get(name):
-            config[name] = float(options[name])
-    if options.get("credentialpath"):
-        os.environ.setdefault("AWS_SHARED_CREDENTIALS_FILE", options["credentialpath"])
-    if options.get("configpath"):
-        os.environ.setdefault("AWS_CONFIG_FILE", options["configpath"])
-    return kwargs
-
-
-def _bool(value) -> bool:
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1", "yes")
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def _policy(spec: RemoteSpec) -> RetryPolicy:
+    """The retry budget from the remote's options (numbers, given as text in a config file)."""
+    values = {}
+    for field in fields(RetryPolicy):
+        text = spec.options.get(field.name)
+        if field.name in ("first_delay", "max_delay") or text in (None, ""):
+            continue
+        try:
+            values[field.name] = field.type(text)
+        except (TypeError, ValueError) as exc:
+            what = "a whole number" if field.type is int else "a number of seconds"
+            raise ConfigError(f"remote '{spec.name}': {field.name} must be {what}, not {text!r}") from exc
+        if values[field.name] < 0:
+            raise ConfigError(f"remote '{spec.name}': {field.name} cannot be negative")
+    return RetryPolicy(**values)

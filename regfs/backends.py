@@ -1,0 +1,315 @@
+"""The requests of each remote type (the only importer of fsspec backends, s3fs, botocore, aiohttp).
+
+A `Backend` makes one request per call and knows nothing of retries (regfs/remotes.py does them):
+`size(path)` is None for a missing object, `read(path, start, end)` the bytes of that range as the
+remote sent them (fewer if the body was cut short), `list(path)` names and sizes below a prefix.
+`open_backend` builds one from DVC's option names. Which failures may go away when a request is
+repeated, and how each is said in one line, is decided here, next to the libraries that raise them.
+
+Local directories and S3 are fsspec filesystems; s3fs and botocore each make a single attempt per
+request (by default botocore makes up to 4 and s3fs repeats that up to 5 times). HTTP is plain GET
+and HEAD requests on the aiohttp session and event loop of fsspec's HTTPFileSystem, whose own
+`info` and `cat_file` are not used: `info` reports any failed HEAD as a missing file (a 503 would
+become ENOENT), and `cat_file` takes whatever body a Range request gets back. An HTTP remote cannot
+be listed (as for DVC), so its sizes come from HEAD requests.
+
+botocore's DEBUG log prints every request's headers, S3 session tokens included, and its signing
+steps: its loggers are held at INFO, so that `--debug` shows regfs's own detail and no credential.
+"""
+
+import asyncio
+import errno
+import logging
+import os
+import ssl
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import aiohttp
+import fsspec
+import fsspec.asyn
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, ResponseStreamingError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import SSLError as BotoSSLError
+
+from regfs.dvcconfig import RemoteSpec
+from regfs.errors import ConfigError
+
+for _name in ("botocore", "aiobotocore"):
+    if logging.getLogger(_name).level == logging.NOTSET:  # unless someone chose a level on purpose
+        logging.getLogger(_name).setLevel(logging.INFO)
+
+CHUNK = 8 << 20  # bytes per ranged request, at most: what a failed request costs to repeat
+
+
+class Fault(Exception):
+    """A failed request that no library reported: a bad status, a broken promise of the protocol."""
+
+    transient = False
+
+
+class ShortBody(Fault):
+    """Fewer bytes than the range asked for: the connection ended early."""
+
+    transient = True
+
+
+class HTTPStatus(Fault):
+    def __init__(self, status: int, reason: str | None):
+        super().__init__(f"HTTP {status} {reason or ''}".strip())
+        self.transient = status >= 500 or status in (408, 429)
+
+
+# What a request may raise besides FileNotFoundError (a missing object).
+ERRORS = (Fault, OSError, ValueError, EOFError, BotoCoreError, ClientError, aiohttp.ClientError)
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EREMOTEIO, errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT,
+                     errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE}
+
+
+class Backend:
+    can_list = False
+
+    def size(self, path: str) -> int | None:
+        raise NotImplementedError
+
+    def read(self, path: str, start: int, end: int) -> bytes:
+        raise NotImplementedError
+
+    def list(self, path: str) -> list[tuple[str, int]]:
+        raise NotImplementedError
+
+
+class FsspecBackend(Backend):
+    """Local directories and S3: the fsspec filesystem's own calls."""
+
+    can_list = True
+
+    def __init__(self, fs: fsspec.AbstractFileSystem):
+        self._fs = fs
+
+    def size(self, path: str) -> int | None:
+        try:
+            return int(self._fs.info(path)["size"])
+        except FileNotFoundError:
+            return None
+
+    def read(self, path: str, start: int, end: int) -> bytes:
+        return self._fs.cat_file(path, start=start, end=end)
+
+    def list(self, path: str) -> list[tuple[str, int]]:
+        try:
+            entries = self._fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+        return [(entry["name"], int(entry["size"])) for entry in entries if entry.get("type") == "file"]
+
+
+_IDENTITY = {"Accept-Encoding": "identity"}  # sizes and ranges of the stored bytes, not of a gzip
+
+
+class HTTPBackend(Backend):
+    def __init__(self, client_kwargs: dict):
+        from fsspec.implementations.http import HTTPFileSystem
+
+        self._fs = HTTPFileSystem(skip_instance_cache=True, get_client=_http_session,
+                                  client_kwargs=client_kwargs)
+
+    def size(self, path: str) -> int | None:
+        return fsspec.asyn.sync(self._fs.loop, self._head, path)
+
+    def read(self, path: str, start: int, end: int) -> bytes:
+        return fsspec.asyn.sync(self._fs.loop, self._get, path, start, end)
+
+    async def _head(self, url: str) -> int | None:
+        session = await self._fs.set_session()
+        async with session.head(url, allow_redirects=True, headers=_IDENTITY) as response:
+            if response.status == 404:
+                return None
+            _check_status(response)
+            length = response.headers.get("Content-Length", "")
+            if not length.isdigit():
+                raise Fault("the server's HEAD answer gives no Content-Length")
+            return int(length)
+
+    async def _get(self, url: str, start: int, end: int) -> bytes:
+        session = await self._fs.set_session()
+        headers = {**_IDENTITY, "Range": f"bytes={start}-{end - 1}"}
+        async with session.get(url, headers=headers) as response:
+            if response.status == 404:
+                raise FileNotFoundError(errno.ENOENT, "HTTP 404")
+            _check_status(response)
+            if response.status == 206:
+                first = response.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
+                if first != str(start):
+                    raise Fault(f"asked for bytes from {start}, the server sent a range from {first or '?'}")
+                return await response.read()
+            skip = start  # 200: the server ignored Range and sends the whole object
+            while skip:
+                skip -= len(await response.content.readexactly(min(skip, CHUNK)))
+            return await response.content.readexactly(end - start)
+
+
+async def _http_session(*, loop=None, connect_timeout: float, read_timeout: float, verify, **kwargs):
+    """The aiohttp session of one HTTP remote (fsspec calls this in its event loop)."""
+    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_connect=connect_timeout,
+                                    sock_read=read_timeout)
+    # trust_env: proxies from the environment, as DVC's http remote does.
+    return aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(ssl=verify), trust_env=True,
+                                 **kwargs)
+
+
+def _check_status(response: aiohttp.ClientResponse) -> None:
+    if response.status >= 400:
+        raise HTTPStatus(response.status, response.reason)
+
+
+def open_backend(spec: RemoteSpec, connect_timeout: float, read_timeout: float) -> tuple[Backend, str]:
+    """The backend of a remote and the root its object paths are below."""
+    if spec.is_local:
+        return FsspecBackend(fsspec.filesystem("file")), os.path.abspath(spec.url)
+    scheme, _, rest = spec.url.partition("://")
+    if scheme == "s3":
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False,
+                               **_s3_options(spec, connect_timeout, read_timeout))
+        fs.retries = 1  # s3fs's own retry loop around each botocore call
+        return FsspecBackend(fs), rest
+    if scheme in ("http", "https"):
+        return HTTPBackend(_http_options(spec, connect_timeout, read_timeout)), public_url(spec.url)
+    raise ConfigError(f"remote '{spec.name}': {scheme}:// remotes are not supported "
+                      "(local, s3, http and https are)")
+
+
+def _s3_options(spec: RemoteSpec, connect_timeout: float, read_timeout: float) -> dict:
+    """s3fs arguments for DVC's S3 remote options (dvc-s3 names them the same way)."""
+    options = spec.options
+    client: dict = {}
+    config: dict = {"connect_timeout": connect_timeout, "read_timeout": read_timeout,
+                    "retries": {"total_max_attempts": 1}}
+    kwargs: dict = {"client_kwargs": client, "config_kwargs": config}
+    if options.get("endpointurl"):
+        client["endpoint_url"] = options["endpointurl"]
+    if options.get("region"):
+        client["region_name"] = options["region"]
+    if "ssl_verify" in options:
+        client["verify"] = _ssl_verify(options["ssl_verify"])
+    for dvc_name, s3fs_name in (("access_key_id", "key"), ("secret_access_key", "secret"),
+                                ("session_token", "token"), ("profile", "profile")):
+        if options.get(dvc_name):
+            kwargs[s3fs_name] = options[dvc_name]
+    if "use_ssl" in options:
+        kwargs["use_ssl"] = _bool(options["use_ssl"])
+    if _bool(options.get("allow_anonymous_login", False)) and not kwargs.get("key"):
+        kwargs["anon"] = True
+    if options.get("credentialpath"):
+        os.environ.setdefault("AWS_SHARED_CREDENTIALS_FILE", options["credentialpath"])
+    if options.get("configpath"):
+        os.environ.setdefault("AWS_CONFIG_FILE", options["configpath"])
+    return kwargs
+
+
+def _http_options(spec: RemoteSpec, connect_timeout: float, read_timeout: float) -> dict:
+    """aiohttp session arguments for DVC's HTTP remote options (dvc-http's names; `method` is for
+    uploads only, so it is ignored)."""
+    options, name = spec.options, spec.name
+    auth = str(options.get("auth") or "").lower()
+    parts = urlsplit(spec.url)
+    kwargs: dict = {"connect_timeout": connect_timeout, "read_timeout": read_timeout,
+                    "verify": _ssl_context(options["ssl_verify"]) if "ssl_verify" in options else True}
+    if _bool(options.get("ask_password", False)) and options.get("password") is None:
+        raise ConfigError(f"remote '{name}': ask_password cannot prompt in regfs; give the password with "
+                          f"--remote-config {name}.password=...")
+    if parts.username is not None:  # user:password@ in the URL: basic authentication, as aiohttp does
+        if auth:
+            raise ConfigError(f"remote '{name}': give credentials either in the URL or with auth, not both")
+        kwargs["auth"] = aiohttp.BasicAuth(unquote(parts.username), unquote(parts.password or ""))
+    elif auth == "basic":
+        if options.get("user") is None or options.get("password") is None:
+            raise ConfigError(f"remote '{name}': auth = basic needs both user and password")
+        kwargs["auth"] = aiohttp.BasicAuth(str(options["user"]), str(options["password"]))
+    elif auth == "custom":
+        if not options.get("custom_auth_header") or options.get("password") is None:
+            raise ConfigError(f"remote '{name}': auth = custom needs both custom_auth_header and password")
+        kwargs["headers"] = {str(options["custom_auth_header"]): str(options["password"])}
+    elif auth:
+        raise ConfigError(f"remote '{name}': auth = {auth} is not supported (basic and custom are; "
+                          "DVC does not support digest either)")
+    return kwargs
+
+
+def _ssl_verify(value) -> bool | str:
+    return _bool(value) if str(value).lower() in ("true", "false") else value
+
+
+def _ssl_context(value) -> bool | ssl.SSLContext:
+    """DVC's ssl_verify: true, false, or the path of a CA bundle to trust."""
+    verify = _ssl_verify(value)
+    if isinstance(verify, bool):
+        return verify
+    try:
+        return ssl.create_default_context(cafile=os.path.expanduser(verify))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"ssl_verify: cannot load CA bundle {verify}: {exc}") from exc
+
+
+def public_url(url: str) -> str:
+    """`url` without `user:password@`: what may be shown in logs, errors, stats and xattrs."""
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def url_credentials(url: str) -> list[str]:
+    """The user and password in a URL, as written and decoded."""
+    if "://" not in url:
+        return []
+    parts = urlsplit(url)
+    return [text for value in (parts.username, parts.password) if value for text in (value, unquote(value))]
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failed request may succeed when repeated: 5xx, 408, 429, S3 throttling, refused,
+    reset or timed-out connections, short bodies; never a refusal (401, 403), a certificate or URL
+    error, or anything unrecognised."""
+    if isinstance(exc, Fault):
+        return exc.transient
+    if isinstance(exc, (PermissionError, FileNotFoundError, BotoSSLError, aiohttp.ClientSSLError,
+                        aiohttp.InvalidURL)):
+        return False
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return exc.status >= 500 or exc.status in (408, 429)
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or exc.response.get("Error", {}).get("Code") in ("SlowDown", "Throttling")
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionError, EOFError, aiohttp.ClientError,
+                        HTTPClientError, BotoConnectionError, ResponseStreamingError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+
+
+def reason(exc: BaseException) -> str:
+    """One line saying why a request failed (S3 error codes kept, errno numbers dropped)."""
+    text = _first_line(exc)
+    if isinstance(exc, OSError) and isinstance(exc.__cause__, ClientError):  # s3fs's translation
+        code = exc.__cause__.response.get("Error", {}).get("Code")
+        return f"{code}: {text}" if code and code not in text else text
+    if isinstance(exc, Fault) or text == type(exc).__name__:
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of the exception's text, else of its cause's (fsspec raises a bare
+    FSTimeoutError from aiohttp's timeouts), else the class name."""
+    if isinstance(exc, OSError) and exc.strerror and exc.errno is not None:
+        lines = [exc.strerror]  # not "[Errno 16] ...": the number means nothing to a reader
+    else:
+        lines = str(exc).strip().splitlines()
+    if not lines and exc.__cause__ is not None:
+        return _first_line(exc.__cause__)
+    return lines[0] if lines else type(exc).__name__
+
+
+def _bool(value) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1", "yes")
