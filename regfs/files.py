@@ -48,7 +48,7 @@ class _Descriptor:
 
 
 class OpenFiles:
-    def __init__(self, max_open: int = 512, idle: float = 5.0, failure_ttl: float = 2.0,
+    def __init__(self, max_open: int = 512, idle: float = 5.0, failure_ttl: float = 1.0,
                  blob_bytes: int = 64 << 20):
         self._max_open, self._idle, self._failure_ttl = max_open, idle, failure_ttl
         self._open: OrderedDict[ObjectRef, _Descriptor] = OrderedDict()
