@@ -406,13 +406,25 @@ def run_load(args, tools: Tools, trees, shas, mountpoint: Path, cache: Path, cap
         "rss_mib_first": round(rss[0], 1) if rss else None,
         "rss_mib_after_warmup_median": round(statistics.median(warm), 1) if warm else None,
         "rss_mib_max": round(max(rss), 1) if rss else None, "rss_mib_last": round(rss[-1], 1) if rss else None,
+        # medians of each quarter of the run: flat memory shows as flat figures after the first
+        "rss_mib_by_quarter": [round(statistics.median(part), 1) if part else None
+                               for part in quarters(background.rss_mb, elapsed)],
     }
+
+
+def quarters(samples: list[tuple[float, float]], elapsed: float) -> list[list[float]]:
+    parts: list[list[float]] = [[], [], [], []]
+    for seconds, mib in samples:
+        parts[min(3, int(4 * seconds / max(elapsed, 1e-9)))].append(mib)
+    return parts
 
 
 def report(figures: dict) -> None:
     width = max(map(len, figures))
     for key, value in figures.items():
-        if isinstance(value, list):
+        if isinstance(value, list) and value and not isinstance(value[0], str):
+            print(f"{key:<{width}}  {' '.join(map(str, value))}")
+        elif isinstance(value, list):
             if value:
                 print(f"{key}:")
                 for item in value:
