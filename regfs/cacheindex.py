@@ -12,60 +12,85 @@ in memory and written by one background thread every few seconds, so reads never
 """
 
 import atexit
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from regfs.errors import RegfsError
 
 logger = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 2.0  # how long a use may wait in memory before it is written
+_POOL = 4  # idle connections kept open per database
 _BATCH = 500  # sqlite allows 999 parameters per statement in old builds
 _ERRORS = (sqlite3.Error, RegfsError)  # a database that cannot be opened, or a failed statement
 
 
 class _SqliteIndex:
-    """One sqlite database, one connection per thread (sqlite connections are not shareable)."""
+    """One sqlite database, used through a small pool of connections.
+
+    Not one connection per thread: libfuse's threads reach Python through ctypes callbacks, each
+    with a fresh thread state, so a thread-local connection would be opened per callback and
+    never closed (file descriptors pile up). A connection serves one thread at a time.
+    """
 
     def __init__(self, path: str, schema: tuple[str, ...]):
         self.path, self._schema = path, schema
-        self._local = threading.local()
+        self._idle: list[sqlite3.Connection] = []
+        self._pool_lock = threading.Lock()
         try:
-            self._connection()
-        except RegfsError as exc:  # a full disk, say: the index is asked again on each use
+            with self._connection():
+                pass
+        except RegfsError as exc:  # a full disk, say: the index is opened again on each use
             logger.warning("%s", exc)
 
-    def _connection(self) -> sqlite3.Connection:
-        """This thread's connection, opened (and the tables made) on first use; retried after a
-        failure, since a full disk (sqlite cannot create its -wal and -shm files) may be freed."""
-        connection = getattr(self._local, "connection", None)
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        """A connection of the pool, in a transaction (committed unless the block fails)."""
+        with self._pool_lock:
+            connection = self._idle.pop() if self._idle else None
         if connection is None:
+            connection = self._open()
+        try:
+            with connection:
+                yield connection
+        except BaseException:
+            connection.close()  # it may be broken: a failed statement costs a new connection
+            raise
+        with self._pool_lock:
+            if len(self._idle) < _POOL:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def _open(self) -> sqlite3.Connection:
+        """A new connection, the tables made; retried on each use after a failure, since a full
+        disk (sqlite cannot create its -wal and -shm files) may be freed."""
+        try:
+            connection = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
             try:
-                connection = sqlite3.connect(self.path, timeout=30)
-                try:
-                    connection.execute("PRAGMA journal_mode=WAL")
-                    with connection:
-                        for statement in self._schema:
-                            connection.execute(statement)
-                except sqlite3.Error:
-                    connection.close()
-                    raise
-            except sqlite3.Error as exc:
-                raise RegfsError(f"cannot open cache index {self.path}: {exc}") from exc
-            self._local.connection = connection
+                connection.execute("PRAGMA journal_mode=WAL")
+                with connection:
+                    for statement in self._schema:
+                        connection.execute(statement)
+            except sqlite3.Error:
+                connection.close()
+                raise
+        except sqlite3.Error as exc:
+            raise RegfsError(f"cannot open cache index {self.path}: {exc}") from exc
         return connection
 
     def _select(self, query: str, keys: list[str]) -> list[tuple]:
         """`query` (with `{marks}` for an IN list) run over `keys` in batches."""
         rows = []
-        connection = self._connection()
-        for start in range(0, len(keys), _BATCH):
-            batch = keys[start:start + _BATCH]
-            rows += connection.execute(query.format(marks=",".join("?" * len(batch))), batch).fetchall()
+        with self._connection() as connection:
+            for start in range(0, len(keys), _BATCH):
+                batch = keys[start:start + _BATCH]
+                rows += connection.execute(query.format(marks=",".join("?" * len(batch))), batch).fetchall()
         return rows
 
     def _delete(self, tables: tuple[str, ...], keys: list[str]) -> None:
@@ -93,8 +118,9 @@ class SizeIndex(_SqliteIndex):
 
     def verified(self, relpath: str) -> tuple[int, int, int] | None:
         try:
-            row = self._connection().execute("SELECT inode, size, mtime_ns FROM verified WHERE object = ?",
-                                              (relpath,)).fetchone()
+            with self._connection() as connection:
+                row = connection.execute("SELECT inode, size, mtime_ns FROM verified WHERE object = ?",
+                                         (relpath,)).fetchone()
         except _ERRORS as exc:  # the file is hashed again: slower, never wrong
             logger.warning("cannot read %s: %s", self.path, exc)
             return None
@@ -197,7 +223,8 @@ class UsageIndex(_SqliteIndex):
 
     def _table(self, query: str) -> dict:
         try:
-            return dict(self._connection().execute(query).fetchall())
+            with self._connection() as connection:
+                return dict(connection.execute(query).fetchall())
         except _ERRORS as exc:
             logger.warning("cannot read %s: %s", self.path, exc)
             return {}
