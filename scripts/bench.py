@@ -16,16 +16,18 @@ Workloads (--only takes these names):
   small-files  10k files of 1-64 KiB, shuffled, 2 readers, warm   vs the same files on local disk
   cold-copy    `cp -r` of a 1,000-file directory, empty cache     vs `dvc pull` of it, same remote
   cold-read    1st read of the 1 GiB object, empty cache          vs a plain GET (cp / curl / s3fs)
+               (its time to first byte is the row ttfb-default)
   ttfb-stream  first byte of the uncached object with --stream    vs a plain GET of 1 byte
   ls-100k      `ls -l` of a 100k-entry output, manifest cached    vs `ls -l` of the tree on local disk
-  rss-1m       daemon peak RSS after `ls -lR` of a 1M-entry output
+  rss-1m       daemon peak RSS after reading every directory of a 1M-entry output
 
+The S3 figures read a 128 MiB object instead of the 1 GiB one: moto serves about 100 MiB/s.
 Features this build of regfs lacks (an HTTP remote, --stream) are reported "unsupported by this
 build", never a crash. Processes it starts (nginx, the S3 server, readers, mount daemons) it ends
 by pid; mounts are unmounted in `finally`.
 
-Usage: python scripts/bench.py [--repeat N] [--only W,...] [--remotes local,http,s3]
-                               [--workdir DIR] [--json FILE] [--quick]
+Usage: python scripts/bench.py [--repeat N] [--budget S] [--only W,...] [--remotes local,http,s3]
+                               [--workdir DIR] [--json FILE] [--quick]       (docs/benchmarks.md)
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ UNSUPPORTED = re.compile(r"not supported|unrecognized arguments|invalid choice",
 @dataclass(frozen=True)
 class Sizes:
     big: int  # bytes of the big object
-    s3_big: int  # bytes of the big object read from moto, which serves about 20 MiB/s
+    s3_big: int  # bytes of the big object of the S3 figures (moto is slow)
     small_files: int
     copy_files: int
     list_entries: int  # entries of the `ls -l` output (distinct objects)
@@ -475,8 +477,9 @@ def mounted(tools: Tools, registry: Registry, cache: Path, remote: str | None = 
         if UNSUPPORTED.search(message):
             raise Unsupported(message)
         raise BenchError(f"regfs mount failed: {message}")
-    pid = daemon_pid(tools, mountpoint)
+    pid = None
     try:
+        pid = daemon_pid(tools, mountpoint)
         yield Mount(mountpoint, pid, log_file, tools)
     finally:
         unmount(tools, mountpoint, pid)
@@ -489,13 +492,15 @@ def daemon_pid(tools: Tools, mountpoint: Path) -> int:
     raise BenchError(f"no regfs daemon serves {mountpoint}")
 
 
-def unmount(tools: Tools, mountpoint: Path, pid: int) -> None:
+def unmount(tools: Tools, mountpoint: Path, pid: int | None) -> None:
+    """`regfs umount`; if that fails, a lazy unmount and SIGTERM to the daemon this script started."""
     done = tools.regfs_cli("umount", mountpoint, check=False)
     if done.returncode != 0:
-        log(f"regfs umount {mountpoint} failed ({done.stderr.strip()}); lazy unmount and SIGTERM to {pid}")
+        log(f"regfs umount {mountpoint} failed ({done.stderr.strip()}); lazy unmount, SIGTERM to pid {pid}")
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False, capture_output=True)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
 
 # -- measuring --------------------------------------------------------------------------------------
@@ -526,7 +531,8 @@ class PageCache:
             for file in ([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):
                 fd = os.open(file, os.O_RDONLY)
                 try:
-                    os.fdatasync(fd)
+                    with contextlib.suppress(OSError):  # a FUSE file may not implement fsync
+                        os.fdatasync(fd)
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 finally:
                     os.close(fd)
@@ -1029,8 +1035,9 @@ def versions(tools: Tools) -> dict:
     regfs_version, regfs_file = probe.split()
     source = os.path.dirname(os.path.dirname(regfs_file))
     sha = tools.run("git", "-C", source, "rev-parse", "HEAD", check=False).stdout.strip() or "?"
-    dirty = tools.run("git", "-C", source, "status", "--porcelain", "-uno", check=False).stdout
-    changes = " + uncommitted changes" if dirty.strip() else ""
+    package = os.path.dirname(regfs_file)
+    dirty = tools.run("git", "-C", source, "status", "--porcelain", "-uno", "--", package, check=False).stdout
+    changes = " + uncommitted changes to regfs/" if dirty.strip() else ""
     found = {"python": platform.python_version(),
              "regfs": f"{regfs_version} ({source}, git {sha[:12]}{changes})"}
     for name in ("mfusepy", "s3fs", "moto", "fsspec"):
