@@ -493,14 +493,28 @@ def daemon_pid(tools: Tools, mountpoint: Path) -> int:
 
 
 def unmount(tools: Tools, mountpoint: Path, pid: int | None) -> None:
-    """`regfs umount`; if that fails, a lazy unmount and SIGTERM to the daemon this script started."""
+    """`regfs umount`; if that fails, a lazy unmount and the end of the daemon this script started."""
     done = tools.regfs_cli("umount", mountpoint, check=False)
     if done.returncode != 0:
         log(f"regfs umount {mountpoint} failed ({done.stderr.strip()}); lazy unmount, SIGTERM to pid {pid}")
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False, capture_output=True)
         if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+            end_daemon(pid)
+
+
+def end_daemon(pid: int) -> None:
+    """SIGTERM to a mount daemon this script started, SIGKILL if it is still there 10 s later."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if not Path(f"/proc/{pid}").exists():
+                return
+            time.sleep(0.1)
+    log(f"the daemon {pid} did not exit after SIGKILL")
 
 
 # -- measuring --------------------------------------------------------------------------------------
