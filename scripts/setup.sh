@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install regfs and what it needs on a Debian/Ubuntu machine (or the Vagrant VM). Idempotent.
 #
-# Usage: bash scripts/setup.sh [--test] [--demo]
+# Usage: bash scripts/setup.sh [--test] [--demo] [--bench]
 #
 #   always   Debian packages fuse3 (fusermount3, libfuse3), git, python3-venv when missing
 #            (apt-get, through sudo when not root); checks that /dev/fuse is usable;
@@ -9,6 +9,7 @@
 #   --test   the test extra (pytest, dvc[s3], moto[server]) into .venv, and .venv-dvc2 with the
 #            legacy DVC 2 the test suite uses to build fixtures (pinned by constraints-dvc2.txt)
 #   --demo   the demo extra (dvc) into .venv
+#   --bench  what scripts/bench.py needs: everything --test installs, and Debian nginx and curl
 #
 # Environment: PYTHON (interpreter for new venvs, default python3),
 #              REGFS_SETUP_FORCE=1 (reinstall even if nothing changed since the last run).
@@ -27,9 +28,11 @@ usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0
 
 want_test=0
 want_demo=0
+want_bench=0
 for arg in "$@"; do
     case $arg in
         --test) want_test=1 ;;
+        --bench) want_test=1 want_bench=1 ;;
         --demo) want_demo=1 ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $arg" ;;
@@ -101,6 +104,11 @@ fi
 
 if ! command -v git >/dev/null 2>&1; then
     apt_install git
+fi
+if [ "$want_bench" = 1 ]; then
+    # the benchmark's HTTP remote (nginx on 127.0.0.1) and its plain-GET baseline
+    PATH="$PATH:/usr/sbin:/sbin" command -v nginx >/dev/null 2>&1 || apt_install nginx
+    command -v curl >/dev/null 2>&1 || apt_install curl
 fi
 
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
