@@ -9,6 +9,7 @@ may contain `@` in its directories, so there the split is the last `@` whose lef
 import os
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _SCP_LIKE = re.compile(r"^(?:[^@/:]+@)?[^/:]+:(?!//)")
@@ -24,7 +25,19 @@ class Address:
         return is_local_url(self.url)
 
     def __str__(self) -> str:
-        return self.url if self.revision is None else f"{self.url}@{self.revision}"
+        """For display: without `user:password@` (see `public_url`)."""
+        url = public_url(self.url)
+        return url if self.revision is None else f"{url}@{self.revision}"
+
+
+def public_url(url: str) -> str:
+    """`url` without `user:password@`: what may be shown in logs, errors, stats and xattrs."""
+    if "://" not in url:
+        return url  # a path, or scp-like `git@host:path`, whose user is no secret
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def is_local_url(url: str) -> bool:

@@ -22,7 +22,7 @@ import errno
 import logging
 import os
 import ssl
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import fsspec
@@ -31,6 +31,7 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, Res
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.exceptions import SSLError as BotoSSLError
 
+from regfs.address import public_url
 from regfs.dvcconfig import RemoteSpec
 from regfs.errors import ConfigError
 
@@ -248,16 +249,6 @@ def _ssl_context(value) -> bool | ssl.SSLContext:
         return ssl.create_default_context(cafile=os.path.expanduser(verify))
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"ssl_verify: cannot load CA bundle {verify}: {exc}") from exc
-
-
-def public_url(url: str) -> str:
-    """`url` without `user:password@`: what may be shown in logs, errors, stats and xattrs."""
-    if "://" not in url:
-        return url
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def url_credentials(url: str) -> list[str]:

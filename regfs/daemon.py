@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from regfs.address import Address
+from regfs.address import Address, public_url
 from regfs.cachectl import Evictor, format_size
 from regfs.dvcconfig import Config, parse_override
 from regfs.errors import RegfsError, UsageError
@@ -149,7 +149,7 @@ def serve(options: MountOptions, ready_fd: int | None = None) -> int:
         logger.info("keeping the cache under %s (LRU eviction)", format_size(options.cache_size))
         Evictor(context.cache, options.cache_size).start(stop)
     try:
-        fuse.mount(view, options.mountpoint, f"regfs:{registry.url}", on_ready=report.ready,
+        fuse.mount(view, options.mountpoint, f"regfs:{registry.public_url}", on_ready=report.ready,
                    debug=options.debug, allow_other=options.allow_other)
     except RuntimeError as exc:
         # libfuse returns non-zero both when it cannot mount and when a signal ended its loop
@@ -211,7 +211,7 @@ def _hold_pid_file(options: MountOptions) -> None:
     except BlockingIOError:
         os.close(fd)
         raise UsageError(f"mountpoint {options.mountpoint} is busy: another regfs daemon serves it") from None
-    record = {"pid": os.getpid(), "mountpoint": options.mountpoint, "source": options.address.url,
+    record = {"pid": os.getpid(), "mountpoint": options.mountpoint, "source": public_url(options.address.url),
               "revision": options.address.revision, "cache_dir": options.cache_dir,
               "started": int(time.time())}
     os.ftruncate(fd, 0)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import pygit2
 
+from regfs.address import public_url
 from regfs.errors import RevisionNotFound, SourceError
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class Mirror:
     """A bare mirror of one registry URL."""
 
     def __init__(self, url: str, directory: str, shared_group: bool = False):
-        self.url = url
+        self._fetch_url = url
+        self.url = public_url(url)  # for messages: never `user:password@`
         self._shared_group = shared_group
         self.path = os.path.join(directory, _mirror_name(url))
         self._lock_path = self.path + ".lock"
@@ -79,11 +81,12 @@ class Mirror:
         callbacks = _Credentials()
         try:
             repo = self._open_or_init()
-            remote = repo.remotes.create_anonymous(self.url)
+            remote = repo.remotes.create_anonymous(self._fetch_url)
             heads = remote.list_heads(callbacks=callbacks)
             remote.fetch(_REFSPECS, callbacks=callbacks, prune=pygit2.enums.FetchPrune.PRUNE)
         except (pygit2.GitError, KeyError, ValueError) as exc:
-            raise SourceError(f"cannot fetch {self.url}: {_first_line(exc)}") from exc
+            reason = _first_line(exc).replace(self._fetch_url, self.url)  # libgit2 may quote the URL
+            raise SourceError(f"cannot fetch {self.url}: {reason}") from exc
         head = next((h for h in heads if h.name == "HEAD"), None)
         target = getattr(head, "symref_target", None) if head else None
         if target and target in repo.references:

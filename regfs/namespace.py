@@ -142,7 +142,7 @@ class MountView:
             info["hash"] = f"git-blob:{node.blob_id}"
             info["remote"] = "git"
             if not imported:
-                info["url"] = self.registry.url
+                info["url"] = self.registry.public_url
         return info
 
     @property
@@ -151,7 +151,7 @@ class MountView:
 
     def report(self) -> dict:
         """What `regfs stats` shows: the mount's source and the process's counters."""
-        return {"source": self.registry.url, "pinned_commit": self.pinned_sha,
+        return {"source": self.registry.public_url, "pinned_commit": self.pinned_sha,
                 "cache_dir": self.registry.context.cache.directory, **self.stats.snapshot()}
 
     def attr(self, path: str) -> Attr:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from cachetools import LRUCache
 
-from regfs.address import is_local_url, local_path
+from regfs.address import is_local_url, local_path, public_url
 from regfs.cache import ObjectCache, ObjectRef
 from regfs.dvcconfig import Config, RemoteSpec, parse_config, user_levels
 from regfs.dvcmeta import DirEntry, ImportSource, Output
@@ -88,6 +88,7 @@ class Registry:
     def __init__(self, url: str, context: Context, overrides: Config | None = None):
         self.local_dir = local_path(url) if is_local_url(url) else None
         self.url = self.local_dir or url
+        self.public_url = public_url(self.url)  # in messages, stats and xattrs
         self.context = context
         self.overrides = overrides or Config()
         self.mirror = Mirror(self.url, context.mirrors_dir, context.shared_group)
@@ -102,13 +103,13 @@ class Registry:
         """Fetch the mirror from the URL; the first success after a failure is logged."""
         try:
             if self.local_dir is not None and not os.path.exists(self.local_dir):
-                raise SourceError(f"registry {self.url} does not exist")
+                raise SourceError(f"registry {self.public_url} does not exist")
             self.mirror.fetch()
         except SourceError:
             self._unreachable = True
             raise
         if self._unreachable:
-            logger.info("fetched %s again: its refs are current", self.url)
+            logger.info("fetched %s again: its refs are current", self.public_url)
             self._unreachable = False
         self._fetched = True
 
@@ -163,14 +164,14 @@ class Registry:
                 try:
                     repo_level = parse_config(text, base)
                 except ConfigError as exc:
-                    logger.error("ignoring .dvc/config of %s: %s", self.url, exc)
+                    logger.error("ignoring .dvc/config of %s: %s", self.public_url, exc)
             self._configs[config_blob] = self.context.user_config.merged(repo_level).merged(self.overrides)
         return self._configs[config_blob]
 
     def store(self, config: Config, config_key: str | None, remote_name: str | None) -> ObjectStore:
         key = (config_key, remote_name)
         if key not in self._stores:
-            label = f"remote '{remote_name or config.core.get('remote') or '(default)'}' of {self.url}"
+            label = f"remote '{remote_name or config.core.get('remote') or '(default)'}' of {self.public_url}"
             self._stores[key] = ObjectStore(self.context.fetcher,
                                             lambda: self.context.remote(config.remote(remote_name)), label)
         return self._stores[key]
@@ -192,7 +193,7 @@ class Registry:
         try:
             entries = store.manifest(ref)
         except MetafileError as exc:
-            logger.error("skipping output %s of %s: %s", path, self.url, exc)
+            logger.error("skipping output %s of %s: %s", path, self.public_url, exc)
             exc.reported = True
             raise
         refs = {entry.relpath: ObjectRef(entry.object_id, ref.hash_name) for entry in entries}
@@ -202,7 +203,7 @@ class Registry:
         except (RemoteError, ConfigError) as exc:
             # The remote cannot be asked (offline, say): each entry learns its size when stat'ed,
             # from the cache if it is there; only the others fail then, not the whole directory.
-            logger.warning("sizes of the entries of %s in %s are not known yet: %s", path, self.url, exc)
+            logger.warning("sizes of the entries of %s in %s are not known yet: %s", path, self.public_url, exc)
             sizes = {}
 
         def file_node(entry: DirEntry) -> Node:

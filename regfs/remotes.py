@@ -39,7 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 from regfs import backends
-from regfs.backends import CHUNK, public_url
+from regfs.address import public_url
+from regfs.backends import CHUNK
 from regfs.dvcconfig import RemoteSpec
 from regfs.errors import ConfigError, ObjectMissing, RemoteError
 

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import pytest
 
-from regfs.backends import public_url
+from regfs.address import public_url
 from tests.httpserver import HTTPRemoteServer
 from tests.registry import Registry, random_bytes
 from tests.trees import assert_same_tree, snapshot
@@ -208,3 +208,34 @@ def test_a_malformed_remote_config_does_not_echo_its_value(s3_registry, regfs_cl
 ])
 def test_remote_urls_are_shown_without_credentials(url, shown):
     assert public_url(url) == shown
+
+
+# -- the registry's own URL ----------------------------------------------------------------------
+
+GIT_SECRET = "gitT0ken-never-shown"
+
+
+def test_a_registry_url_with_a_token_is_shown_without_it(tools, mount, oracle, regfs_cli, tmp_path):
+    """`git://reader:TOKEN@host/...` (as `https://TOKEN@github.com/...` would be): the mirror is
+    fetched with it, and it appears nowhere: not in the log, stats, status, xattrs, nor in the
+    mount table every user can read."""
+    from tests.gitserver import publish
+
+    work = Registry.create(tools, tmp_path / "work", remotes={"store": str(tmp_path / "store")},
+                           default_remote="store")
+    work.write("data.bin", random_bytes(90, 5000))
+    work.add("data.bin")
+    work.push()
+    work.commit("data")
+    published = publish(work, tmp_path / "served")
+    try:
+        url = published.url.replace("git://", f"git://reader:{GIT_SECRET}@")
+        mounted = mount(f"{url}@main", "--debug")
+        assert_same_tree(snapshot(mounted.path), oracle.tree(work.path, "main"), "mount over git:// with a token")
+        texts = exposed(mounted, regfs_cli)
+        with open("/proc/self/mountinfo") as mountinfo:
+            texts["/proc/self/mountinfo"] = mountinfo.read()
+        assert published.url.removeprefix("git://") in texts["regfs stats --json"]
+        assert_no_secret(texts, GIT_SECRET)
+    finally:
+        published.server.close()
