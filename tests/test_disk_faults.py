@@ -134,8 +134,9 @@ def test_a_full_cache_disk_fails_the_read_cleanly_and_recovers_when_space_is_fre
 
 
 def test_a_daemon_starts_on_a_full_cache_disk_and_serves_what_is_cached(registry, mount, oracle, tmp_path):
-    """On a disk too full for sqlite to create its -wal/-shm files, a new daemon still mounts
-    (without a size index) and reads every cached object."""
+    """On a full disk (too full for sqlite to create its -wal/-shm files if they are not there), a
+    new daemon still mounts and reads every cached object; an index it cannot open only costs
+    lookups."""
     expected = {path: entry for path, entry in oracle.tree(registry.path, "main").items()
                 if path != "huge.bin"}
     with tmpfs(tmp_path / "cache", "4m") as cache:
@@ -147,7 +148,7 @@ def test_a_daemon_starts_on_a_full_cache_disk_and_serves_what_is_cached(registry
         fill(cache, leave_pages=0)
         second = mount(registry.path, cache_dir=cache)
         try:
-            assert "cannot open cache index" in second.log_text(), second.log_tail()
+            assert os.statvfs(cache).f_bavail == 0, "the disk was not full"
             assert_same_tree(snapshot(second / "main", skip=["huge.bin"]), expected, "on the full disk")
         finally:
             second.unmount()
