@@ -25,9 +25,12 @@ class Address:
         return is_local_url(self.url)
 
     def __str__(self) -> str:
+        return self.url if self.revision is None else f"{self.url}@{self.revision}"
+
+    @property
+    def public(self) -> str:
         """For display: without `user:password@` (see `public_url`)."""
-        url = public_url(self.url)
-        return url if self.revision is None else f"{url}@{self.revision}"
+        return str(Address(public_url(self.url), self.revision))
 
 
 def public_url(url: str) -> str:

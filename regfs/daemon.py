@@ -140,7 +140,7 @@ def serve(options: MountOptions, ready_fd: int | None = None) -> int:
         logger.error("%s", exc)
         report.failed(str(exc))
         return 1
-    logger.info("mounting %s at %s (cache %s)", options.address, options.mountpoint, options.cache_dir)
+    logger.info("mounting %s at %s (cache %s)", options.address.public, options.mountpoint, options.cache_dir)
     stop = threading.Event()
     if pinned is None and options.refresh > 0:
         threading.Thread(target=_refresh_loop, args=(view, options.refresh, stop), daemon=True,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import random
@@ -206,9 +207,11 @@ class Readers:
                     self._problem(f"md5sum {relpath}: {digest}")
 
     def _rounds(self, least: int) -> Iterator[int]:
-        """At least `least` rounds, and on while `self.until` says so (at most 100 times more)."""
-        for number in range(100 * least):
-            if number >= least and self.until():
+        """At least `least` rounds, and on while `self.until` says so (for at most 5 minutes: reads
+        the page cache answers take no time, gc runs do)."""
+        deadline = time.monotonic() + 300
+        for number in itertools.count():
+            if number >= least and (self.until() or time.monotonic() > deadline):
                 return
             yield number
 

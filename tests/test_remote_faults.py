@@ -197,6 +197,13 @@ def read(path: Path, timeout: float = GIVE_UP_BOUND) -> Outcome:
     return Outcome(done.stdout, None)
 
 
+def read_recovered(path: Path, within: float = 10.0) -> Outcome:
+    deadline = time.monotonic() + within
+    while (outcome := read(path)).data is None and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return outcome
+
+
 def assert_nothing_partial(cache_dir: Path, object_id: str) -> None:
     leftovers = list((cache_dir / "regfs" / "tmp").iterdir())
     assert not leftovers, f"temporary files left after a failed download: {leftovers}"
@@ -236,9 +243,10 @@ def test_transient_faults_are_retried_and_permanent_ones_give_eio(case, fault, o
     assert "corrupt" not in line, line
     assert_nothing_partial(case.mounted.cache_dir, permanent_id)
 
-    # The fault is gone: the same file reads (a new open fetches again).
+    # The fault is gone: the same file reads again (once the daemon's one-second memory of the
+    # failure, which keeps the kernel's immediate retry from downloading again, has passed).
     case.proxy.clear()
-    assert read(case / permanent).data == case.data(permanent)
+    assert read_recovered(case / permanent).data == case.data(permanent)
     assert object_path(case.mounted.cache_dir, permanent_id).exists()
 
 
@@ -271,8 +279,10 @@ def test_sizes_of_a_directory_output_are_retried(case):
     assert "503" in line and f"remote '{case.remote}'" in line and "gave up" in line, line
     object_id = md5_hex(FILES["dir/a.bin"])
     assert f"{object_id[:2]}/{object_id[2:]}" in line, f"not about the entry's size: {line}"
+    # Asked twice with the full budget each: for the directory's entries at once, then for this
+    # entry when its stat needs the size (sizes unknown at listing are asked again per entry).
     refused = [r for r in case.proxy.faulted("503") if r.path.endswith(object_id[2:])]
-    assert len(refused) == RETRIES + 1
+    assert len(refused) in (RETRIES + 1, 2 * (RETRIES + 1)), refused
 
     case.proxy.clear()
     case.proxy.inject("503", times=1, methods=("HEAD",), match=entries)
