@@ -1204,22 +1204,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_s3:
         serve_s3(int(args.serve_s3[0]), args.serve_s3[1])
         return 0
-    sizes = QUICK if args.quick else FULL
     work = Path(args.workdir or tempfile.mkdtemp(prefix="regfs-bench-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     if any(work.iterdir()):
         raise SystemExit(f"bench: {work} is not empty")
-    tools = Tools(work, args.dvc)
+    try:
+        report = measure_all(args, Tools(work, args.dvc))
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print_report(report, args.repeat)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def measure_all(args, tools: Tools) -> dict:
+    """The machine, the versions, and the rows of every workload asked for."""
+    sizes = QUICK if args.quick else FULL
     started = time.monotonic()
     report = {"machine": machine(), "versions": versions(tools), "repeat": args.repeat,
               "sizes": asdict(sizes), "quick": args.quick}
     for key, value in {**report["machine"], **report["versions"]}.items():
         print(f"{key:20} {value}")
     servers: dict = {}
-    bench = None
     try:
-        servers, unavailable = start_servers(tools, args, work / "remote")
-        log(f"building the registry in {work}")
+        servers, unavailable = start_servers(tools, args, tools.work / "remote")
+        log(f"building the registry in {tools.work}")
         registry = build_registry(tools, sizes, args.workloads, servers)
         log(f"registry built in {time.monotonic() - started:.0f}s")
         bench = Bench(tools, registry, sizes, args.repeat, args.budget, PageCache())
@@ -1230,18 +1244,17 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     report["machine"]["load_average_end"] = os.getloadavg()
     report["seconds"] = round(time.monotonic() - started)
-    report["rows"] = [row.summary() for row in bench.rows] if bench else []
+    report["rows"] = [row.summary() for row in bench.rows]
+    return report
+
+
+def print_report(report: dict, repeat: int) -> None:
     load = report["machine"]["load_average_start"][0], report["machine"]["load_average_end"][0]
-    print(f"\nregfs benchmark: medians of up to {args.repeat} run(s), ratio = regfs / baseline; "
+    print(f"\nregfs benchmark: medians of up to {repeat} run(s), ratio = regfs / baseline; "
           f"{report['seconds']} s in all; load average {load[0]:.1f} at the start, {load[1]:.1f} at the "
           "end\n")
     print(table(report["rows"]))
     print("\nnotes:\n" + notes(report["rows"]))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":
