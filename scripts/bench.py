@@ -688,6 +688,7 @@ class Row:
     fetched_over_read: list[float] = field(default_factory=list)
     status: str = "measured"  # or "unsupported by this build: ...", "failed: ...", "unavailable: ..."
     note: str = ""
+    requests: dict | None = None  # per method, of the last regfs run, as the server saw them
 
     def add(self, baseline: float | None, value: float) -> None:
         """One repeat: the ratio is regfs / baseline, whatever the unit (a time or a rate)."""
@@ -717,6 +718,7 @@ class Row:
                 "met": TARGETS[self.workload].met(ratio, value) if measured else None,
                 "gets": median(self.gets), "baseline_gets": median(self.baseline_gets),
                 "fetched_over_read": median(self.fetched_over_read), "status": self.status, "note": self.note,
+                "requests_last_run": self.requests,
                 "repeats": len(self.values), "samples": {"baseline": self.baselines, "regfs": self.values,
                                                          "ratio": self.ratios}}
 
@@ -765,16 +767,17 @@ class Bench:
         return server.log.mark() if server else None
 
     def traffic(self, remote: str, mark: int | None,
-                mount: Mount | None = None) -> tuple[int | None, int | None]:
-        """GETs and fetched bytes since `mark`: the server's log, else (local remote) the mount's stats."""
+                mount: Mount | None = None) -> tuple[int | None, int | None, dict | None]:
+        """GETs, fetched bytes and requests per method since `mark`: the server's log, else (local
+        remote) the mount's stats, which count objects fetched and no requests."""
         server = self.registry.servers.get(remote)
         if server is not None and mark is not None:
             seen = server.log.since(mark)
-            return seen["gets"], seen["bytes"]
+            return seen["gets"], seen["bytes"], seen["requests"]
         if mount is not None:
             stats = mount.stats()
-            return stats["objects_fetched"], stats["bytes_fetched"]
-        return None, None
+            return stats["objects_fetched"], stats["bytes_fetched"], None
+        return None, None, None
 
 
 def guarded(row: Row, action) -> None:
@@ -888,7 +891,7 @@ def cold_copy(bench: Bench, remote: str) -> None:
                 bench.page_cache.drop(*objects)
                 mark = bench.traffic_mark(remote)
                 seconds = failing_read(mount, lambda: timed("cp", "-r", mount.path / "copy", out))
-                gets, fetched = bench.traffic(remote, mark, mount)
+                gets, fetched, row.requests = bench.traffic(remote, mark, mount)
             row.add(baseline, seconds)
             row.traffic(gets, fetched, read_bytes, baseline_gets)
             shutil.rmtree(out, ignore_errors=True)
@@ -961,7 +964,7 @@ def cold_read(bench: Bench, remote: str) -> None:
                 bench.page_cache.drop(big.local_path)
                 mark = bench.traffic_mark(remote)
                 read = failing_read(mount, lambda: read_file(mount.path / big.name, buffer))
-                gets, fetched = bench.traffic(remote, mark, mount)
+                gets, fetched, row.requests = bench.traffic(remote, mark, mount)
             row.add(baseline, read.mib_s)
             row.traffic(gets, fetched, read.size, baseline_gets)
             ttfb.add(first_byte, read.first_byte_s * 1000)
@@ -1112,7 +1115,11 @@ def table(summaries: list[dict]) -> str:
 def notes(summaries: list[dict]) -> str:
     lines = []
     for row in summaries:
-        text = "; ".join(filter(None, [row["note"], row["status"] if row["status"] != "measured" else ""]))
+        requests = row["requests_last_run"]
+        requests = "requests of regfs's last run: " + ", ".join(
+            f"{method} {count}" for method, count in sorted(requests.items())) if requests else ""
+        text = "; ".join(filter(None, [row["note"], requests,
+                                       row["status"] if row["status"] != "measured" else ""]))
         if text:
             lines.append(f"  {row['workload']} {row['remote']}: {text}")
     return "\n".join(lines)
@@ -1197,22 +1204,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_s3:
         serve_s3(int(args.serve_s3[0]), args.serve_s3[1])
         return 0
-    sizes = QUICK if args.quick else FULL
     work = Path(args.workdir or tempfile.mkdtemp(prefix="regfs-bench-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     if any(work.iterdir()):
         raise SystemExit(f"bench: {work} is not empty")
-    tools = Tools(work, args.dvc)
+    try:
+        report = measure_all(args, Tools(work, args.dvc))
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print_report(report, args.repeat)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def measure_all(args, tools: Tools) -> dict:
+    """The machine, the versions, and the rows of every workload asked for."""
+    sizes = QUICK if args.quick else FULL
     started = time.monotonic()
     report = {"machine": machine(), "versions": versions(tools), "repeat": args.repeat,
               "sizes": asdict(sizes), "quick": args.quick}
     for key, value in {**report["machine"], **report["versions"]}.items():
         print(f"{key:20} {value}")
     servers: dict = {}
-    bench = None
     try:
-        servers, unavailable = start_servers(tools, args, work / "remote")
-        log(f"building the registry in {work}")
+        servers, unavailable = start_servers(tools, args, tools.work / "remote")
+        log(f"building the registry in {tools.work}")
         registry = build_registry(tools, sizes, args.workloads, servers)
         log(f"registry built in {time.monotonic() - started:.0f}s")
         bench = Bench(tools, registry, sizes, args.repeat, args.budget, PageCache())
@@ -1223,18 +1244,17 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     report["machine"]["load_average_end"] = os.getloadavg()
     report["seconds"] = round(time.monotonic() - started)
-    report["rows"] = [row.summary() for row in bench.rows] if bench else []
+    report["rows"] = [row.summary() for row in bench.rows]
+    return report
+
+
+def print_report(report: dict, repeat: int) -> None:
     load = report["machine"]["load_average_start"][0], report["machine"]["load_average_end"][0]
-    print(f"\nregfs benchmark: medians of up to {args.repeat} run(s), ratio = regfs / baseline; "
+    print(f"\nregfs benchmark: medians of up to {repeat} run(s), ratio = regfs / baseline; "
           f"{report['seconds']} s in all; load average {load[0]:.1f} at the start, {load[1]:.1f} at the "
           "end\n")
     print(table(report["rows"]))
     print("\nnotes:\n" + notes(report["rows"]))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":
