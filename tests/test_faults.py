@@ -28,7 +28,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import S3Server
+from tests.faultproxy import FaultProxy
 from tests.gitserver import publish
+from tests.httpserver import HTTPRemoteServer
 from tests.mounting import is_mounted, run_cli
 from tests.registry import Registry, random_bytes
 from tests.trees import (
@@ -41,7 +43,6 @@ from tests.trees import (
     snapshot,
 )
 
-BUCKET = "faults-bucket"
 
 
 def _mount(tools, source, mountpoint: Path, cache: Path, log: Path, workdir: Path):
@@ -111,17 +112,18 @@ def test_a_dead_mount_regfs_did_not_make_is_refused(basic, regfs_cli, tmp_path):
         subprocess.run(["umount", str(mountpoint)], check=False)
 
 
-def test_sigkill_mid_download_leaves_no_partial_object(tools, s3_server, oracle, tmp_path):
-    """The daemon dies while an object streams in from S3: nothing partial is ever visible in the
-    cache, the next daemon removes the dead download's temporary file and fetches it whole."""
-    s3_server.create_bucket(BUCKET)
-    registry = Registry.create(tools, tmp_path / "registry", remotes={"s3": f"s3://{BUCKET}/r"},
-                               default_remote="s3")
-    registry.dvc("remote", "modify", "s3", "endpointurl", s3_server.endpoint_url)
-    data = random_bytes(77, 96 * 1024 * 1024)
+def test_sigkill_mid_download_leaves_no_partial_object(tools, oracle, tmp_path):
+    """The daemon dies while an object streams in over HTTP (the fault proxy holds the download
+    mid-body): nothing partial is ever visible in the cache, the next daemon removes the dead
+    download's temporary file and fetches it whole."""
+    server = HTTPRemoteServer(tmp_path).start()
+    proxy = FaultProxy(server.url).start()
+    registry = Registry.create(tools, tmp_path / "registry", remotes={"store": "../store"})
+    registry.dvc("remote", "add", "-d", "web", f"{proxy.url}/store")
+    data = random_bytes(77, 3 * 1024 * 1024)
     registry.write("huge.bin", data)
     registry.add("huge.bin")
-    registry.push()
+    registry.push("-r", "store")
     registry.commit("huge")
     digest = hashlib.md5(data).hexdigest()
     final = tmp_path / "cache" / "files" / "md5" / digest[:2] / digest[2:]
@@ -129,6 +131,7 @@ def test_sigkill_mid_download_leaves_no_partial_object(tools, s3_server, oracle,
 
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
+    proxy.inject("stall")
     try:
         _mount(tools, f"{registry.path}@main", mountpoint, tmp_path / "cache", tmp_path / "first.log",
                tmp_path / "cli1")
@@ -137,15 +140,16 @@ def test_sigkill_mid_download_leaves_no_partial_object(tools, s3_server, oracle,
                                                                 capture_output=True, check=False))
         reader.start()
         deadline = time.monotonic() + 60
-        while not any(tmp_dir.iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert any(tmp_dir.iterdir()), "the download never started"
+        while not (proxy.faulted("stall") and any(tmp_dir.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proxy.faulted("stall") and any(tmp_dir.iterdir()), "the download never started"
         assert not final.exists(), "the download finished before it could be interrupted"
         _kill(pid)
         reader.join(timeout=60)
         assert not final.exists()  # the partial bytes stayed in regfs/tmp, never at the object's path
 
         _cleanup(tools, mountpoint, tmp_path / "cli3")
+        proxy.clear()
         log = tmp_path / "second.log"
         _mount(tools, f"{registry.path}@main", mountpoint, tmp_path / "cache", log, tmp_path / "cli4")
         assert "removed 1 temporary files of interrupted downloads" in log.read_text()
@@ -154,6 +158,8 @@ def test_sigkill_mid_download_leaves_no_partial_object(tools, s3_server, oracle,
         assert not list(tmp_dir.iterdir())
     finally:
         _cleanup(tools, mountpoint, tmp_path / "cli5")
+        proxy.stop()
+        server.stop()
 
 
 def test_an_unreachable_registry_is_served_from_its_mirror(basic, tools, oracle, tmp_path, regfs_cli):

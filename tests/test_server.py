@@ -176,8 +176,9 @@ def test_status_lists_running_mounts(basic, mount, regfs_cli):
 
 
 def test_two_users_share_a_group_cache(tools, public_dir):
-    """Two users of one group read through one `--shared group` cache, at the same time: each gets
-    DVC's bytes, each object is downloaded once, and the cache stays usable by both."""
+    """Two users of one group copy a directory through one `--shared group` cache, two processes
+    each, at the same time: each gets DVC's bytes, each object is downloaded once, and the cache
+    stays usable by both."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tests.registry import Registry, random_bytes
@@ -207,16 +208,21 @@ def test_two_users_share_a_group_cache(tools, public_dir):
     usable = regfs_as(users[0], "--version")
     assert usable.returncode == 0, f"another uid cannot run this interpreter: {usable.stderr.decode()}"
 
-    def read(job: tuple[int, str]) -> tuple[str, bytes, bytes]:
-        uid, relpath = job
-        result = regfs_as(uid, "cat", f"{registry.path}@main", relpath, "--cache-dir", str(cache),
-                          "--shared", "group")
-        return relpath, result.stdout, result.stderr
+    def get(job: tuple[int, int]) -> tuple[Path, subprocess.CompletedProcess]:
+        uid, copy = job
+        out = public_dir / f"out-{uid}" / str(copy)
+        return out, regfs_as(uid, "get", f"{registry.path}@main", "set", "-o", str(out), "--cache-dir", str(cache),
+                             "--shared", "group")
 
-    jobs = [(uid, relpath) for relpath in contents for uid in users]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for relpath, stdout, stderr in pool.map(read, jobs):
-            assert stdout == contents[relpath], f"{relpath}: {stderr.decode()}"
+    for uid in users:
+        (public_dir / f"out-{uid}").mkdir()
+        os.chown(public_dir / f"out-{uid}", uid, uid)
+    jobs = [(uid, copy) for uid in users for copy in range(2)]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        for out, result in pool.map(get, jobs):
+            assert result.returncode == 0, result.stderr.decode()
+            got = {f"set/{path.relative_to(out)}": path.read_bytes() for path in out.rglob("*") if path.is_file()}
+            assert got == contents, f"{out}: {result.stderr.decode()}"
 
     objects = [path for path in (cache / "files").rglob("*") if path.is_file()]
     assert len(objects) == len(contents) + 1  # every part and the .dir manifest, once
