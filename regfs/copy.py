@@ -14,6 +14,8 @@ Invariants:
   beside it and renamed into place; a failed copy leaves nothing behind.
 """
 
+from __future__ import annotations
+
 import io
 import logging
 import os
@@ -24,12 +26,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from regfs.address import Address
 from regfs.dvcconfig import Config
 from regfs.errors import NotADirectory, PathNotFound, UsageError
-from regfs.namespace import FileReader, MountView
-from regfs.registry import Context, Registry
+
+if TYPE_CHECKING:  # the registry machinery is imported when a revision is opened
+    from regfs.namespace import FileReader, MountView
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,9 @@ COPY_THREADS = 8
 def open_revision(address: Address, cache_dir: str, config: Config | None = None,
                   shared_group: bool = False) -> MountView:
     """A view of one commit of a freshly fetched registry (the default branch without @REV)."""
+    from regfs.namespace import MountView
+    from regfs.registry import Context, Registry
+
     registry = Registry(address.url, Context(cache_dir, shared_group), config)
     registry.update()
     return MountView(registry, registry.mirror.resolve(address.revision or "HEAD"))

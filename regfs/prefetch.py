@@ -16,6 +16,8 @@ with its path and the others still go on; an object is counted as fetched once p
 many files share it.
 """
 
+from __future__ import annotations
+
 import contextlib
 import errno
 import json
@@ -26,12 +28,15 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from regfs.address import Address, is_local_url, parse_address
 from regfs.copy import Progress, clean_path, follow_links
 from regfs.daemon import mount_type
 from regfs.errors import RegfsError, UsageError
-from regfs.namespace import MountView
+
+if TYPE_CHECKING:
+    from regfs.namespace import MountView
 
 FETCH_XATTR = "user.regfs.fetch"  # the daemon's side: fuse.py
 DEFAULT_JOBS = 4
