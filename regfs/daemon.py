@@ -89,16 +89,40 @@ def _clean_dead_mount(mountpoint: str) -> None:
 
 
 def mount_type(mountpoint: str) -> str | None:
-    """The filesystem type mounted at `mountpoint` (per /proc/self/mounts), or None."""
+    """The filesystem type mounted at `mountpoint` (the mount on top), or None."""
+    record = _mount_record(mountpoint)
+    return record[1] if record else None
+
+
+def _mount_record(mountpoint: str) -> tuple[str, str] | None:
+    """(MAJOR:MINOR, type) of the mount on top at `mountpoint`, per /proc/self/mountinfo; reading
+    it never touches the mount itself, so the daemon can ask while its own INIT is pending."""
     target = os.fsencode(os.path.abspath(mountpoint))
     found = None
-    with open("/proc/self/mounts", "rb") as mounts:
-        for line in mounts:  # the last match is the mount on top
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        for line in mountinfo:  # the last match is the mount on top
             fields = line.split(b" ")
-            path = re.sub(rb"\\([0-7]{3})", lambda match: bytes([int(match[1], 8)]), fields[1])
+            path = re.sub(rb"\\([0-7]{3})", lambda match: bytes([int(match[1], 8)]), fields[4])
             if path == target:
-                found = fields[2].decode(errors="replace")
+                fstype = fields[fields.index(b"-", 6) + 1]
+                found = fields[2].decode(), fstype.decode(errors="replace")
     return found
+
+
+def _raise_readahead(mountpoint: str, kib: int) -> None:
+    """Give the new mount `kib` of readahead where this process may (root): the kernel takes the
+    lower of its backing device's knob and INIT's max_readahead (see fuse.READAHEAD_KIB)."""
+    record = _mount_record(mountpoint)
+    if record is None:
+        return
+    knob = f"/sys/class/bdi/{record[0]}/read_ahead_kb"
+    try:
+        with open(knob, "w") as file:
+            file.write(str(kib))
+    except OSError as exc:  # not root, or no sysfs: the kernel's 128 KiB stays
+        logger.debug("readahead stays at the kernel's default: cannot write %s: %s", knob, exc.strerror)
+    else:
+        logger.debug("readahead of %s: %d KiB", mountpoint, kib)
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
@@ -155,7 +179,11 @@ def serve(options: MountOptions, ready_fd: int | None = None) -> int:
         logger.info("keeping the cache under %s (LRU eviction)", format_size(options.cache_size))
         Evictor(context.cache, options.cache_size).start(stop)
     try:
-        fuse.mount(view, options.mountpoint, f"regfs:{registry.public_url}", on_ready=report.ready,
+        def ready() -> None:  # called from libfuse's INIT, before any other request is served
+            _raise_readahead(options.mountpoint, fuse.READAHEAD_KIB)
+            report.ready()
+
+        fuse.mount(view, options.mountpoint, f"regfs:{registry.public_url}", on_ready=ready,
                    debug=options.debug, allow_other=options.allow_other)
     except RuntimeError as exc:
         # libfuse returns non-zero both when it cannot mount and when a signal ended its loop

@@ -76,6 +76,16 @@ def test_pinned_tag_is_the_root(basic, mount, oracle):
     assert_same_tree(snapshot(mounted.path), oracle.tree(basic.path, "v1.0"), "pinned @v1.0")
 
 
+def test_readahead_is_raised_where_the_daemon_may(basic, mount):
+    """As root the daemon raises the mount's readahead to 1 MiB (sysfs knob and INIT); otherwise
+    the kernel's default stays."""
+    mounted = mount(f"{basic.path}@v1.0")
+    device = f"{os.major(os.stat(mounted.path).st_dev)}:{os.minor(os.stat(mounted.path).st_dev)}"
+    with open(f"/sys/class/bdi/{device}/read_ahead_kb") as knob:
+        readahead = int(knob.read())
+    assert readahead == (1024 if os.geteuid() == 0 else 128), mounted.log_tail()
+
+
 def test_pinned_branch_with_slash(basic, mount, oracle):
     mounted = mount(f"{basic.path}@feature/x")
     assert_same_tree(snapshot(mounted.path), oracle.tree(basic.path, "feature/x"), "pinned @feature/x")
