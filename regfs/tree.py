@@ -240,7 +240,12 @@ class TreeBuilder:
         spec_path = posixpath.join(posixpath.dirname(path), "dvc.yaml")
         spec = lookup_optional(self.root, spec_path)
         spec_text = spec.data() if isinstance(spec, BlobNode) else None
-        return parse_pipeline(spec_text, text, path)
+        return parse_pipeline(spec_text, text, path, self._git_file)
+
+    def _git_file(self, path: str) -> bytes | None:
+        """The bytes of a Git file of the commit (a vars file of a `dvc.yaml`), None if absent."""
+        node = lookup_optional(self.root, path)
+        return node.data() if isinstance(node, BlobNode) else None
 
     def _overlay(self, output: Output) -> None:
         *parents, name = output.path.split("/")
