@@ -19,6 +19,7 @@ from cachetools import LRUCache
 from regfs.address import is_local_url, local_path, public_url
 from regfs.cache import ObjectCache, ObjectRef
 from regfs.dvcconfig import Config, RemoteSpec, parse_config, user_levels
+from regfs.dvcignore import DvcIgnore
 from regfs.dvcmeta import DirEntry, ImportSource, Output
 from regfs.errors import (
     ConfigError,
@@ -52,6 +53,7 @@ class Snapshot:
     commit_sha: str
     commit_time: int
     root: DirNode
+    dvcignore: DvcIgnore  # which paths DVC ignores (what `dvc list` leaves out)
 
 
 class Context:
@@ -93,7 +95,7 @@ class Registry:
         self.overrides = overrides or Config()
         self.mirror = Mirror(self.url, context.mirrors_dir, context.shared_group)
         self._trees: LRUCache = LRUCache(maxsize=32)
-        self._configs: dict[str | None, Config] = {}
+        self._configs: dict[tuple, Config] = {}  # (repository root, config blob) -> config
         self._stores: dict[tuple, ObjectStore] = {}
         self._lock = threading.RLock()
         self._fetched = False
@@ -145,38 +147,52 @@ class Registry:
             return snapshot
 
     def _build(self, commit_sha: str) -> Snapshot:
-        config_blob = None
         items = self.mirror.walk(commit_sha)
+        # The registry and each sub-repository (a directory with its own `.dvc/`) read their
+        # outputs with their own `.dvc/config`, relative URLs resolving against their own `.dvc/`.
+        config_blobs: dict[str, str | None] = {}
         for item in items:
-            if item.path == ".dvc/config" and item.kind == "file":
-                config_blob = item.blob_id
-        config = self._config(config_blob)
-        builder = TreeBuilder(items, self.mirror.read_blob, self.mirror.blob_size,
-                              lambda output: self._output_node(output, config, config_blob))
-        return Snapshot(commit_sha, self.mirror.commit_time(commit_sha), builder.build())
+            if item.kind == "dir" and posixpath.basename(item.path) == ".dvc":
+                config_blobs.setdefault(_repo_root(item.path), None)
+            elif item.kind == "file" and posixpath.basename(item.path) == "config" \
+                    and posixpath.basename(posixpath.dirname(item.path)) == ".dvc":
+                config_blobs[_repo_root(posixpath.dirname(item.path))] = item.blob_id
+        roots = sorted(config_blobs, key=len, reverse=True)
 
-    def _config(self, config_blob: str | None) -> Config:
-        if config_blob not in self._configs:
+        def output_node(output: Output) -> Node | None:
+            root = next((root for root in roots if output.metafile.startswith(root)), "")
+            config_key = (root, config_blobs.get(root))
+            return self._output_node(output, self._config(*config_key), config_key)
+
+        builder = TreeBuilder(items, self.mirror.read_blob, self.mirror.blob_size, output_node)
+        root_node = builder.build()
+        return Snapshot(commit_sha, self.mirror.commit_time(commit_sha), root_node, builder.dvcignore)
+
+    def _config(self, root: str, config_blob: str | None) -> Config:
+        """The config of the repository at `root` ("" or "sub/") whose `.dvc/config` is `config_blob`."""
+        key = (root, config_blob)
+        if key not in self._configs:
             repo_level = Config()
             if config_blob is not None:
                 text = self.mirror.read_blob(config_blob).decode("utf-8", "replace")
-                base = os.path.join(self.local_dir, ".dvc") if self.local_dir else None
+                base = os.path.join(self.local_dir, root, ".dvc") if self.local_dir else None
                 try:
                     repo_level = parse_config(text, base)
                 except ConfigError as exc:
-                    logger.error("ignoring .dvc/config of %s: %s", self.public_url, exc)
-            self._configs[config_blob] = self.context.user_config.merged(repo_level).merged(self.overrides)
-        return self._configs[config_blob]
+                    logger.error("ignoring %s.dvc/config of %s: %s", root, self.public_url, exc)
+            self._configs[key] = self.context.user_config.merged(repo_level).merged(self.overrides)
+        return self._configs[key]
 
-    def store(self, config: Config, config_key: str | None, remote_name: str | None) -> ObjectStore:
+    def store(self, config: Config, config_key: tuple, remote_name: str | None) -> ObjectStore:
         key = (config_key, remote_name)
         if key not in self._stores:
-            label = f"remote '{remote_name or config.core.get('remote') or '(default)'}' of {self.public_url}"
+            where = f"{self.public_url} (sub-repository {config_key[0]})" if config_key[0] else self.public_url
+            label = f"remote '{remote_name or config.core.get('remote') or '(default)'}' of {where}"
             self._stores[key] = ObjectStore(self.context.fetcher,
                                             lambda: self.context.remote(config.remote(remote_name)), label)
         return self._stores[key]
 
-    def _output_node(self, output: Output, config: Config, config_key: str | None) -> Node | None:
+    def _output_node(self, output: Output, config: Config, config_key: tuple) -> Node | None:
         if output.import_source is not None:
             return self._import_node(output)
         if output.object_id is None:
@@ -237,6 +253,12 @@ class Registry:
             raise IntegrityError(f"import {output.path}: {url}@{commit_sha[:12]}:{source.path} is object "
                                  f"{node.ref.object_id}, the import recorded {output.object_id}")
         return node
+
+
+def _repo_root(dvc_dir: str) -> str:
+    """"" or "sub/" for the `.dvc` directory `dvc_dir` of a repository."""
+    parent = posixpath.dirname(dvc_dir)
+    return parent + "/" if parent else ""
 
 
 def _children_of(node: Node, path: str) -> dict[str, Node]:
