@@ -87,7 +87,7 @@ def _rebased(rule: str, relative: str) -> str:
     rule = rule[1:] if negated else rule
     anchored = "/" in rule[:-1] and not rule.startswith("**/")
     rule = rule.removeprefix("/") if anchored else rule.removeprefix("**/")
-    rule = rule[1:] if rule.startswith("\\") else rule  # an escaped first character
+    rule = rule.removeprefix("\\")  # an escaped first character
     rule = ("/" if anchored else "/**/") + rule
     return f"{'!' if negated else ''}/{relative}{rule}"
 
