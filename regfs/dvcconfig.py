@@ -30,27 +30,46 @@ class RemoteSpec:
 
 @dataclass
 class Config:
-    """Merged settings: `core` options and one dict of options per remote (with `url`)."""
+    """Merged settings: `core` options, one dict of options per remote (with `url`), the `cache`
+    section, and `default_options`: options for whichever remote ends up the default (what
+    `dvc import --remote-config KEY=VALUE` records without a remote name)."""
 
     core: dict = field(default_factory=dict)
     remotes: dict[str, dict] = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
+    default_options: dict = field(default_factory=dict)
 
     def merged(self, other: "Config") -> "Config":
         remotes = {name: dict(options) for name, options in self.remotes.items()}
         for name, options in other.remotes.items():
             remotes.setdefault(name, {}).update(options)
-        return Config({**self.core, **other.core}, remotes)
+        return Config({**self.core, **other.core}, remotes, {**self.cache, **other.cache},
+                      {**self.default_options, **other.default_options})
 
     def remote(self, name: str | None) -> RemoteSpec:
         """The settings of remote `name`, or of the default remote (`core.remote`)."""
-        name = (name or self.core.get("remote") or "").lower()
+        default = str(self.core.get("remote") or "").lower()
+        name = (name or default).lower()
         if not name:
             raise ConfigError("no remote: the registry has no default remote (core.remote); "
                               "give one with --remote NAME")
-        options = self.remotes.get(name)
-        if options is None or not options.get("url"):
+        options = dict(self.remotes.get(name) or {})
+        if name == default:
+            options.update(self.default_options)
+        if not options.get("url"):
             raise ConfigError(f"remote '{name}' is not configured (known: {', '.join(sorted(self.remotes)) or 'none'})")
-        return _resolve_remote_url(name, dict(options), self)
+        return _resolve_remote_url(name, options, self)
+
+
+def config_from_mapping(data: dict) -> Config:
+    """A config level given as DVC's dict form (`{core: {...}, remote: {NAME: {...}}}`), as
+    `dvc import --remote NAME --remote-config ...` records it in the `.dvc` file."""
+    def lowered(section) -> dict:
+        return {str(key).lower(): value for key, value in section.items()} if isinstance(section, dict) else {}
+
+    remotes = data.get("remote") if isinstance(data.get("remote"), dict) else {}
+    return Config(lowered(data.get("core")), {str(name).lower(): lowered(options) for name, options in remotes.items()},
+                  lowered(data.get("cache")))
 
 
 def parse_config(text: str, base_dir: str | None = None) -> Config:
@@ -71,7 +90,7 @@ def parse_config(text: str, base_dir: str | None = None) -> Config:
             continue  # configobj allows keys before any section; DVC ignores them
         section[key.strip().lower()] = _value(value.strip(), number)
     if base_dir:
-        _absolutize(config, base_dir)
+        absolutize(config, base_dir)
     return config
 
 
@@ -149,7 +168,9 @@ def _section(config: Config, name: str) -> dict:
         return config.remotes.setdefault(rest[1:-1], {})
     if name == "core":
         return config.core
-    return {}  # cache, state, feature...: nothing regfs reads
+    if name == "cache":
+        return config.cache
+    return {}  # state, feature...: nothing regfs reads
 
 
 def _value(text: str, number: int):
@@ -200,8 +221,11 @@ def _check_rest(rest: str, number: int) -> None:
         raise ConfigError(f"config line {number}: unexpected text after a quoted value")
 
 
-def _absolutize(config: Config, base_dir: str) -> None:
-    for options in config.remotes.values():
+def absolutize(config: Config, base_dir: str) -> None:
+    """Make the relative paths of `config` (remote URLs, key files, the cache dir) absolute."""
+    if isinstance(config.cache.get("dir"), str):
+        config.cache["dir"] = os.path.normpath(os.path.join(base_dir, os.path.expanduser(config.cache["dir"])))
+    for options in [*config.remotes.values(), config.default_options]:
         url = options.get("url")
         if isinstance(url, str) and is_local_path(url) and not url.startswith("remote://"):
             path = url.removeprefix("file://")

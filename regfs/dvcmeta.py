@@ -45,8 +45,8 @@ class ImportSource:
     path: str
     rev: str | None = None
     rev_lock: str | None = None
-    remote: str | dict | None = None
-    config: dict | None = None
+    remote: str | dict | None = None  # a remote name, or options for the source's default remote
+    config: dict | str | None = None  # a config level, or the path of a config file
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,8 @@ def _import_source(deps, base: str, wdir: str) -> ImportSource | None:
         raise MetafileError(f"import of {path!r}: bad remote {_short(remote)}")
     return ImportSource(url=repo["url"], path=path, rev=_revision(repo.get("rev"), path),
                         rev_lock=_revision(repo.get("rev_lock"), path), remote=remote,
-                        config=config if isinstance(config, dict) and _is_plain(config) else None)
+                        config=config if isinstance(config, str) or (isinstance(config, dict) and _is_plain(config))
+                        else None)
 
 
 def _revision(value, path: str) -> str | None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.lsparity import assert_ls_matches_dvc_list
 from tests.mounting import run_cli
 from tests.registry import Registry
 from tests.trees import assert_same_tree, snapshot, without
@@ -161,3 +162,11 @@ def test_system_global_and_local_config_levels(layouts, oracle, tools, tmp_path)
 
 def without_all_but(tree: dict, directory: str) -> dict:
     return {path: entry for path, entry in tree.items() if path.startswith(directory + "/")}
+
+
+def test_ls_matches_dvc_list(layouts, tools, oracle, regfs_cli, tmp_path):
+    """Sub-repositories are left out of their parent's listing and listed when named; what
+    `.dvcignore` excludes is not listed."""
+    source = layouts.registry.path
+    workspace = oracle.clone(source, "main", subrepos=["sub"])
+    assert_ls_matches_dvc_list(tools, regfs_cli, source, "main", workspace, tmp_path / "cache", (None, "sub", "keep"))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
+from tests.lsparity import assert_ls_matches_dvc_list
 from tests.registry import Registry, random_bytes
 from tests.trees import assert_same_tree, md5_hex, missing_from_cache, object_path, snapshot
 
@@ -209,3 +210,11 @@ def test_corrupt_legacy_object_is_eio(legacy, mount, oracle, tmp_path):
     assert not object_path(mounted.cache_dir, object_id, legacy=True).exists()
     expected = oracle.tree(legacy.registry.path, "legacy")
     assert (mounted / "split-crlf.txt").read_bytes() == expected["split-crlf.txt"][2]
+
+
+def test_ls_matches_dvc_list(legacy, tools, oracle, regfs_cli, tmp_path):
+    """DVC 2 and mixed commits, listed by DVC 3 (which refuses the old-formats branch; DVC 2.58's
+    `dvc list` fails with the pygit2 1.21 that constraints-dvc2.txt pins: GIT_OBJ_COMMIT is gone)."""
+    source = legacy.registry.path
+    for rev in ("legacy", "main"):
+        assert_ls_matches_dvc_list(tools, regfs_cli, source, rev, oracle.clone(source, rev), tmp_path / "cache")

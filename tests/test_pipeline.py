@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.lsparity import assert_ls_matches_dvc_list
 from tests.registry import Registry
 from tests.trees import assert_same_tree, md5_hex, object_path, snapshot
 
@@ -222,3 +223,10 @@ def test_pipeline_outputs_equal_the_oracle(pipeline, mount, oracle):
         with pytest.raises(OSError) as caught:
             (mounted / rev / never_pushed).read_bytes()
         assert caught.value.errno == errno.EIO
+
+
+def test_ls_matches_dvc_list(pipeline, tools, oracle, regfs_cli, tmp_path):
+    source = pipeline.registry.path
+    for rev in ("v1", "main"):
+        workspace = oracle.clone(source, rev, pull_check=False)
+        assert_ls_matches_dvc_list(tools, regfs_cli, source, rev, workspace, tmp_path / "cache", (None, "sub"))
