@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from regfs.dvcyaml import ReadFile, resolve_pipeline
+from regfs.dvcyaml import ReadFile, Yaml12Loader, resolve_pipeline
 from regfs.errors import MetafileError
 
 HASH_MD5 = "md5"  # DVC 3: plain md5 of the bytes (`hash: md5` in the output)
@@ -108,7 +108,8 @@ def parse_pipeline(yaml_text: str | bytes | None, lock_text: str | bytes, lockfi
     if yaml_text is None:
         return parsed
     yaml_path = posixpath.join(posixpath.dirname(lockfile), "dvc.yaml")
-    pipeline = resolve_pipeline(_load_yaml(yaml_text, yaml_path), yaml_path, read_file or _no_file)
+    spec = _load_yaml(yaml_text, yaml_path, Yaml12Loader)
+    pipeline = resolve_pipeline(spec, yaml_path, read_file or _no_file)
     parsed.skipped.extend(pipeline.skipped)
     base = posixpath.dirname(lockfile)
     for stage in pipeline.stages:
@@ -208,9 +209,9 @@ def _check_no_file_is_a_parent(files: set[str], what: str) -> None:
         raise MetafileError(f"{what}: {min(both)!r} is both a file and a directory in manifest")
 
 
-def _load_yaml(text: str | bytes, what: str):
+def _load_yaml(text: str | bytes, what: str, loader: type = yaml.SafeLoader):
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=loader)  # SafeLoader or Yaml12Loader: both safe
     except yaml.YAMLError as exc:
         raise MetafileError(f"{what}: malformed YAML ({_first_line(exc)})") from exc
     except (ValueError, LookupError, AttributeError, TypeError, OverflowError, RecursionError) as exc:

@@ -21,6 +21,7 @@ import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import product
+from typing import ClassVar
 
 import yaml
 
@@ -61,6 +62,32 @@ class Stage:
 class Pipeline:
     stages: list[Stage] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (stage, why)
+
+
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's core schema for scalars, as DVC reads `dvc.yaml` and
+    params files (ruamel.yaml): only `true`/`false` are booleans (`yes`, `no`, `on`, `off` are
+    strings, and so stage names), `010` is ten, `1e3` is a float, `1:20` is a string."""
+
+    yaml_implicit_resolvers: ClassVar[dict] = {
+        first: [(tag, regex) for tag, regex in resolvers
+                if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node).replace("_", "")
+        sign, digits = (-1, text[1:]) if text.startswith("-") else (1, text.removeprefix("+"))
+        base = {"0o": 8, "0x": 16, "0b": 2}.get(digits[:2], 10)
+        return sign * int(digits[2:] if base != 10 else digits, base)
+
+
+Yaml12Loader.add_constructor("tag:yaml.org,2002:int", Yaml12Loader.construct_yaml_int)
+for _tag, _pattern, _firsts in (
+        ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+        ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+|0b[01_]+)$", "-+0123456789"),
+        ("tag:yaml.org,2002:float", (r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                                     r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), "-+.0123456789")):
+    Yaml12Loader.add_implicit_resolver(_tag, re.compile(_pattern), list(_firsts))
 
 
 class ResolveError(MetafileError):
@@ -314,7 +341,7 @@ def _load_vars_file(path: str, read_file: ReadFile) -> dict:
     extension = posixpath.splitext(path)[1].lower()
     try:
         if extension in (".yaml", ".yml"):
-            values = yaml.safe_load(data)
+            values = yaml.load(data, Loader=Yaml12Loader)  # a SafeLoader
         elif extension == ".json":
             values = json.loads(data)
         elif extension == ".toml" and tomllib is not None:

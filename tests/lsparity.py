@@ -20,6 +20,8 @@ from tests.registry import Tools
 from tests.trees import md5_hex
 
 TEXT_FLAGS = ((), ("--size", "--show-hash"), ("--dvc-only", "-R"))
+# Inside a directory output `dvc list --size` leaves the sizes out (see above): no size column.
+TEXT_FLAGS_INSIDE_OUTPUTS = ((), ("--show-hash",), ("--dvc-only", "-R"))
 
 
 def dvc_list(tools: Tools, source: Path, rev: str, path: str | None, *flags: str) -> str:

@@ -93,3 +93,22 @@ def test_resolution_matches_dvc(case, tmp_path, monkeypatch):
     actual = regfs_resolution(".", spec)
     assert actual == expected, "regfs and DVC resolve the dvc.yaml differently"
     assert any(value != "error" for value in actual.values())
+
+
+YAML_SCALARS = """\
+stages:
+  s:
+    foreach: [yes, no, on, off, true, 010, 0o10, 0x1f, 1e3, 1.5, .5, -3, 1:20, 2001-02-03, ~, 1_000, '010']
+    do: {cmd: x, outs: ['o-${item}']}
+on: [.inf, -.inf, 0b11, +4, False, NULL]
+"""
+
+
+def test_yaml_scalars_as_dvc_reads_them():
+    """DVC reads dvc.yaml with ruamel.yaml (YAML 1.2): `yes` is a string, `010` is ten."""
+    import yaml
+    from dvc.utils.serialize import parse_yaml
+
+    from regfs.dvcyaml import Yaml12Loader
+
+    assert yaml.load(YAML_SCALARS, Loader=Yaml12Loader) == parse_yaml(YAML_SCALARS, "dvc.yaml")

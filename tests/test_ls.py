@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.lsparity import TEXT_FLAGS, assert_ls_matches_dvc_list, dvc_list, regfs_ls
+from tests.lsparity import TEXT_FLAGS, TEXT_FLAGS_INSIDE_OUTPUTS, assert_ls_matches_dvc_list, dvc_list, regfs_ls
 
 
 @pytest.mark.parametrize(("rev", "paths", "text_flags"), [
-    ("v1.0", (None, "data", "data/sub", "données"), (*TEXT_FLAGS, ("--dvc-only", "--size", "--show-hash"))),
+    ("v1.0", (None, "données"), (*TEXT_FLAGS, ("--dvc-only", "--size", "--show-hash"))),
+    ("v1.0", ("data", "data/sub"), TEXT_FLAGS_INSIDE_OUTPUTS),
     ("v2.0", (None,), TEXT_FLAGS),
     ("feature/x", (None,), TEXT_FLAGS),
     ("main", (None,), TEXT_FLAGS),
