@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.lsparity import TEXT_FLAGS, TEXT_FLAGS_INSIDE_OUTPUTS, assert_ls_matches_dvc_list, dvc_list, regfs_ls
+from tests.lsparity import (
+    TEXT_FLAGS,
+    TEXT_FLAGS_INSIDE_OUTPUTS,
+    assert_ls_matches_dvc_list,
+    dvc_list,
+    regfs_ls,
+)
 
 
 @pytest.mark.parametrize(("rev", "paths", "text_flags"), [
