@@ -2,9 +2,12 @@
 
 `Context` holds what every registry of a process shares: the object cache, the fetcher, the
 user's DVC config levels, opened remotes, and the registries that imports lead to. The config of
-a commit is its committed `.dvc/config` over the user's system/global levels, under the overrides
-given on the command line; relative local remote URLs resolve against the registry's `.dvc/`,
-which only exists for a registry given as a local directory.
+a commit is its committed `.dvc/config` (a sub-repository's own, for its outputs) over the user's
+system/global levels, under the overrides given on the command line (or recorded by an import);
+relative local remote URLs resolve against the repository's `.dvc/`, which only exists for a
+registry given as a local directory. Such a registry without a default remote reads its objects
+from its own cache, as DVC does when it opens a local repository. Imports are followed into their
+sources, imports of imports too; a cycle is an error, not a hang.
 """
 
 import logging

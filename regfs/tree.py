@@ -1,8 +1,10 @@
 """The tree of one commit: its Git files with every DVC output laid over them.
 
 A commit's tree is what `git checkout REV && dvc pull` leaves in a workspace, minus `.git/` and
-`.dvc/`. Git entries come from the commit; outputs of `.dvc` files and `dvc.lock` files replace or
-add entries at their paths (`cache: false` outputs keep their Git bytes). Directory outputs and
+`.dvc/`. Git entries come from the commit; outputs of `.dvc` files and pipelines (`dvc.lock` with
+its `dvc.yaml`) that `.dvcignore` does not exclude replace or add entries at their paths (`cache:
+false` outputs keep their Git bytes), in the registry and in each sub-repository (a directory with
+its own `.dvc/`), whose metafiles may only name outputs inside it. Directory outputs and
 imports are lazy nodes, expanded from their manifest or their source registry on first use, so
 building a tree reads no object. Nodes are immutable once built, because commits are.
 """
