@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lsparity import assert_ls_matches_dvc_list
+from tests.lsparity import ALL_TEXT_FLAGS, assert_ls_matches_dvc_list
 from tests.mounting import run_cli
 from tests.registry import Registry
 from tests.trees import assert_same_tree, snapshot, without
@@ -169,4 +169,5 @@ def test_ls_matches_dvc_list(layouts, tools, oracle, regfs_cli, tmp_path):
     `.dvcignore` excludes is not listed."""
     source = layouts.registry.path
     workspace = oracle.clone(source, "main", subrepos=["sub"])
-    assert_ls_matches_dvc_list(tools, regfs_cli, source, "main", workspace, tmp_path / "cache", (None, "sub", "keep"))
+    assert_ls_matches_dvc_list(tools, regfs_cli, source, "main", workspace, tmp_path / "cache", (None,), ALL_TEXT_FLAGS)
+    assert_ls_matches_dvc_list(tools, regfs_cli, source, "main", workspace, tmp_path / "cache", ("sub", "keep"))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lsparity import assert_ls_matches_dvc_list
+from tests.lsparity import ALL_TEXT_FLAGS, TEXT_FLAGS, assert_ls_matches_dvc_list
 from tests.registry import Registry
 from tests.trees import assert_same_tree, md5_hex, object_path, snapshot
 
@@ -227,6 +227,7 @@ def test_pipeline_outputs_equal_the_oracle(pipeline, mount, oracle):
 
 def test_ls_matches_dvc_list(pipeline, tools, oracle, regfs_cli, tmp_path):
     source = pipeline.registry.path
-    for rev in ("v1", "main"):
+    for rev, paths in (("v1", (None, "sub")), ("main", (None,))):
         workspace = oracle.clone(source, rev, pull_check=False)
-        assert_ls_matches_dvc_list(tools, regfs_cli, source, rev, workspace, tmp_path / "cache", (None, "sub"))
+        assert_ls_matches_dvc_list(tools, regfs_cli, source, rev, workspace, tmp_path / "cache", paths,
+                                   ALL_TEXT_FLAGS if rev == "v1" else TEXT_FLAGS)
