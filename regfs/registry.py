@@ -13,6 +13,7 @@ sources, imports of imports too; a cycle is an error, not a hang.
 import logging
 import os
 import posixpath
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 LOCAL_CACHE_REMOTE = "local-cache"  # the default remote of a local registry that names none
 _MAX_IMPORT_CHAIN = 16
+_MAX_CONFIG_FILE = 1 << 20
 _resolving = threading.local()  # the imports this thread is resolving, outermost first
 
 
@@ -325,13 +327,22 @@ class Registry:
             raise ConfigError(f"import {output.path}: config file {path} is relative to a registry "
                               f"that is not a local directory")
         path = os.path.join(self.local_dir or "", path)
+        what = f"import {output.path}: cannot use config file {path}"
         try:
+            # Whatever path a metafile names: never a device, a FIFO or a huge file.
+            info = os.stat(path)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_CONFIG_FILE:
+                raise ConfigError(f"{what}: not a regular file of at most 1 MiB")
             with open(path, encoding="utf-8") as file:
-                return parse_config(file.read())
-        except (OSError, UnicodeDecodeError, ConfigError) as exc:
-            # Not the parser's message: it would quote a line of whatever file the metafile named.
-            raise ConfigError(f"import {output.path}: cannot read config file {path} "
-                              f"({type(exc).__name__})") from exc
+                text = file.read(_MAX_CONFIG_FILE)
+        except OSError as exc:
+            raise ConfigError(f"{what}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{what}: not UTF-8") from exc
+        try:
+            return parse_config(text)
+        except ConfigError as exc:  # not the parser's message: it quotes the file's lines
+            raise ConfigError(f"{what}: not a DVC config file") from exc
 
 
 def _repo_root(dvc_dir: str) -> str:
