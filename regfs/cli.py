@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("source", metavar="URL[@REV]")
     ls.add_argument("path", nargs="?", default="")
     ls.add_argument("-R", "--recursive", action="store_true", help="list files recursively")
+    ls.add_argument("--dvc-only", action="store_true", help="list DVC outputs only")
     ls.add_argument("--json", action="store_true", help="print a JSON list of entries")
+    ls.add_argument("--size", action="store_true", help="show sizes")
+    ls.add_argument("--show-hash", action="store_true", help="show each output's hash")
     _add_common(ls)
     _add_copy_commands(commands)
     _add_cache_commands(commands)
@@ -226,17 +229,19 @@ def _umount(mountpoint: str) -> int:
 
 
 def _ls(args) -> int:
-    from regfs.listing import list_entries
+    from regfs.listing import format_table, list_entries
 
     address = parse_address(args.source)
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir())
-    entries = list_entries(address, args.path, cache_dir, recursive=args.recursive,
+    entries = list_entries(address, args.path, cache_dir, recursive=args.recursive, dvc_only=args.dvc_only,
                            config=overrides(args.remote, args.remote_config), shared_group=args.shared == "group")
+    # Byte for byte what `dvc list` prints: compact ASCII JSON, a table, or one name per line.
     if args.json:
-        print(json.dumps(entries, indent=2, ensure_ascii=False))
-    else:
-        for entry in entries:
-            print(entry["path"])
+        print(json.dumps(entries))
+    elif entries and (args.size or args.show_hash):
+        print(format_table(entries, args.size, args.show_hash))
+    elif entries:
+        print("\n".join(entry["path"] for entry in entries))
     return 0
 
 

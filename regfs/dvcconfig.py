@@ -9,12 +9,10 @@ registry's `.dvc/config` is untrusted, so no regular expression here can backtra
 """
 
 import os
-import re
 from dataclasses import dataclass, field
 
 from regfs.errors import ConfigError
 
-_REMOTE_SECTION = re.compile(r"""^remote\s+["'](?P<name>.+)["']$""")
 _PATH_OPTIONS = ("credentialpath", "configpath", "keyfile", "gdrive_user_credentials_file",
                  "gdrive_service_account_json_file_path")
 
@@ -32,27 +30,46 @@ class RemoteSpec:
 
 @dataclass
 class Config:
-    """Merged settings: `core` options and one dict of options per remote (with `url`)."""
+    """Merged settings: `core` options, one dict of options per remote (with `url`), the `cache`
+    section, and `default_options`: options for whichever remote ends up the default (what
+    `dvc import --remote-config KEY=VALUE` records without a remote name)."""
 
     core: dict = field(default_factory=dict)
     remotes: dict[str, dict] = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
+    default_options: dict = field(default_factory=dict)
 
     def merged(self, other: "Config") -> "Config":
         remotes = {name: dict(options) for name, options in self.remotes.items()}
         for name, options in other.remotes.items():
             remotes.setdefault(name, {}).update(options)
-        return Config({**self.core, **other.core}, remotes)
+        return Config({**self.core, **other.core}, remotes, {**self.cache, **other.cache},
+                      {**self.default_options, **other.default_options})
 
     def remote(self, name: str | None) -> RemoteSpec:
         """The settings of remote `name`, or of the default remote (`core.remote`)."""
-        name = (name or self.core.get("remote") or "").lower()
+        default = str(self.core.get("remote") or "").lower()
+        name = (name or default).lower()
         if not name:
             raise ConfigError("no remote: the registry has no default remote (core.remote); "
                               "give one with --remote NAME")
-        options = self.remotes.get(name)
-        if options is None or not options.get("url"):
+        options = dict(self.remotes.get(name) or {})
+        if name == default:
+            options.update(self.default_options)
+        if not options.get("url"):
             raise ConfigError(f"remote '{name}' is not configured (known: {', '.join(sorted(self.remotes)) or 'none'})")
-        return _resolve_remote_url(name, dict(options), self)
+        return _resolve_remote_url(name, options, self)
+
+
+def config_from_mapping(data: dict) -> Config:
+    """A config level given as DVC's dict form (`{core: {...}, remote: {NAME: {...}}}`), as
+    `dvc import --remote NAME --remote-config ...` records it in the `.dvc` file."""
+    def lowered(section) -> dict:
+        return {str(key).lower(): value for key, value in section.items()} if isinstance(section, dict) else {}
+
+    remotes = data.get("remote") if isinstance(data.get("remote"), dict) else {}
+    return Config(lowered(data.get("core")), {str(name).lower(): lowered(options) for name, options in remotes.items()},
+                  lowered(data.get("cache")))
 
 
 def parse_config(text: str, base_dir: str | None = None) -> Config:
@@ -71,9 +88,9 @@ def parse_config(text: str, base_dir: str | None = None) -> Config:
             raise ConfigError(f"config line {number}: expected 'key = value', got {line!r:.80}")
         if section is None:
             continue  # configobj allows keys before any section; DVC ignores them
-        section[key.strip().lower()] = _value(value.strip())
+        section[key.strip().lower()] = _value(value.strip(), number)
     if base_dir:
-        _absolutize(config, base_dir)
+        absolutize(config, base_dir)
     return config
 
 
@@ -143,26 +160,72 @@ def _section_name(line: str) -> str | None:
 
 
 def _section(config: Config, name: str) -> dict:
-    remote = _REMOTE_SECTION.match(name)
-    if remote:
-        return config.remotes.setdefault(remote.group("name").lower(), {})
-    if name.lower() == "core":
+    # DVC lower-cases section names, then reads `remote "NAME"` (dvc/config.py _parse_named:
+    # `^\s*remote\s*"(.*)"\s*$`, double quotes only).
+    name = name.lower().strip()
+    rest = name.removeprefix("remote").lstrip()
+    if name.startswith("remote") and len(rest) >= 2 and rest[0] == rest[-1] == '"':
+        return config.remotes.setdefault(rest[1:-1], {})
+    if name == "core":
         return config.core
-    return {}  # cache, state, feature...: nothing regfs reads
+    if name == "cache":
+        return config.cache
+    return {}  # state, feature...: nothing regfs reads
 
 
-def _value(text: str):
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    comment = re.search(r"\s#", text)  # not `\s+#`: that rescans every run of spaces from each space
-    text = text[:comment.start()].strip() if comment else text
-    if "," in text:
-        return [item.strip().strip("'\"") for item in text.split(",") if item.strip()]
-    return text
+def _value(text: str, number: int):
+    """A configobj value: a string, or a list if it has an unquoted comma (`a, b`, `a,`);
+    quotes (`"..."`, `'...'`, `'''...'''`) are removed, and an unquoted `#` starts a comment
+    (so `url = http://h/p#x` is `http://h/p`, as DVC reads it). A scan: linear in the line."""
+    for triple in ('"""', "'''"):
+        if text.startswith(triple):
+            end = text.find(triple, 3)
+            if end < 0:
+                raise ConfigError(f"config line {number}: multi-line values are not supported")
+            _check_rest(text[end + 3:], number)
+            return text[3:end]
+    if text.partition("#")[0].strip() == ",":
+        return []  # configobj's empty list
+    items, position, is_list = [], 0, False
+    while True:
+        while position < len(text) and text[position].isspace():
+            position += 1
+        if position == len(text) or text[position] == "#":
+            break  # a trailing comma (`a,`), or an empty value
+        if text[position] in "'\"":
+            end = text.find(text[position], position + 1)
+            if end < 0:
+                raise ConfigError(f"config line {number}: unbalanced quote")
+            items.append(text[position + 1:end])
+            position = end + 1
+        else:
+            end = position
+            while end < len(text) and text[end] not in ",#":
+                end += 1
+            items.append(text[position:end].strip())
+            position = end
+        while position < len(text) and text[position].isspace():
+            position += 1
+        if position < len(text) and text[position] == ",":
+            is_list, position = True, position + 1
+            continue
+        break
+    _check_rest(text[position:], number)
+    if is_list:
+        return items
+    return items[0] if items else ""
 
 
-def _absolutize(config: Config, base_dir: str) -> None:
-    for options in config.remotes.values():
+def _check_rest(rest: str, number: int) -> None:
+    if rest.strip() and not rest.lstrip().startswith("#"):
+        raise ConfigError(f"config line {number}: unexpected text after a quoted value")
+
+
+def absolutize(config: Config, base_dir: str) -> None:
+    """Make the relative paths of `config` (remote URLs, key files, the cache dir) absolute."""
+    if isinstance(config.cache.get("dir"), str):
+        config.cache["dir"] = os.path.normpath(os.path.join(base_dir, os.path.expanduser(config.cache["dir"])))
+    for options in [*config.remotes.values(), config.default_options]:
         url = options.get("url")
         if isinstance(url, str) and is_local_path(url) and not url.startswith("remote://"):
             path = url.removeprefix("file://")

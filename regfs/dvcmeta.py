@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from regfs.dvcyaml import ReadFile, Yaml12Loader, resolve_pipeline
 from regfs.errors import MetafileError
 
 HASH_MD5 = "md5"  # DVC 3: plain md5 of the bytes (`hash: md5` in the output)
@@ -44,8 +45,8 @@ class ImportSource:
     path: str
     rev: str | None = None
     rev_lock: str | None = None
-    remote: str | dict | None = None
-    config: dict | None = None
+    remote: str | dict | None = None  # a remote name, or options for the source's default remote
+    config: dict | str | None = None  # a config level, or the path of a config file
 
 
 @dataclass(frozen=True)
@@ -96,14 +97,38 @@ def parse_dvc_file(text: str | bytes, metafile: str) -> Parsed:
     return parsed
 
 
-def parse_pipeline(yaml_text: str | bytes | None, lock_text: str | bytes, lockfile: str) -> Parsed:
-    """Outputs of a `dvc.lock` (schema 2.0 or 1.0), joined with its `dvc.yaml` for `wdir` and flags."""
-    lock = _load_yaml(lock_text, lockfile)
-    stages_spec = {}
-    if yaml_text is not None:
-        spec = _load_yaml(yaml_text, posixpath.join(posixpath.dirname(lockfile), "dvc.yaml"))
-        if isinstance(spec, dict) and isinstance(spec.get("stages"), dict):
-            stages_spec = spec["stages"]
+def parse_pipeline(yaml_text: str | bytes | None, lock_text: str | bytes, lockfile: str,
+                   read_file: ReadFile | None = None) -> Parsed:
+    """Outputs of the `dvc.yaml` beside `lockfile`, with the hashes its `dvc.lock` (schema 2.0 or
+    1.0) records, as DVC loads a pipeline: the stages and their outputs, `wdir` and flags come from
+    the `dvc.yaml` (resolved through `read_file`, see dvcyaml), the lock is looked up by stage name
+    and declared path. Without a `dvc.yaml` DVC ignores the lock, and so does this."""
+    stages = _lock_stages(_load_yaml(lock_text, lockfile), lockfile)
+    parsed = Parsed()
+    if yaml_text is None:
+        return parsed
+    yaml_path = posixpath.join(posixpath.dirname(lockfile), "dvc.yaml")
+    spec = _load_yaml(yaml_text, yaml_path, Yaml12Loader)
+    pipeline = resolve_pipeline(spec, yaml_path, read_file or _no_file)
+    parsed.skipped.extend(pipeline.skipped)
+    base = posixpath.dirname(lockfile)
+    for stage in pipeline.stages:
+        entry = stages.get(stage.name)
+        locked = entry.get("outs") if isinstance(entry, dict) else None
+        by_path = {posixpath.normpath(out["path"]): out for out in locked if _has_path(out)} \
+            if isinstance(locked, list) else {}
+        for declared in stage.outputs:
+            raw = by_path.get(posixpath.normpath(declared.path))
+            if raw is None:
+                parsed.skipped.append((f"{lockfile}:{stage.name}:{_short(declared.path)}",
+                                       "not in dvc.lock (the stage never ran), so there is nothing to pull"))
+                continue
+            flags = {posixpath.normpath(raw["path"]): declared.flags}
+            _add_output(parsed, raw, lockfile, base, stage.wdir, flags, None)
+    return parsed
+
+
+def _lock_stages(lock, lockfile: str) -> dict:
     if not isinstance(lock, dict):
         raise MetafileError(f"{lockfile}: expected a mapping at the top level")
     if "schema" in lock:
@@ -112,29 +137,18 @@ def parse_pipeline(yaml_text: str | bytes | None, lock_text: str | bytes, lockfi
             raise MetafileError(f"{lockfile}: unknown dvc.lock schema {_short(schema)}")
         stages = lock.get("stages") or {}
     else:
-        stages = lock  # dvc.lock 1.0 maps stage names straight to their entries
+        stages = lock  # dvc.lock 1.0 (DVC 1.x, read by DVC 2): stage names straight at the top
     if not isinstance(stages, dict):
         raise MetafileError(f"{lockfile}: 'stages' is not a mapping")
-    parsed = Parsed()
-    base = posixpath.dirname(lockfile)
-    for name, stage in stages.items():
-        if not isinstance(stage, dict):
-            parsed.skipped.append((f"{lockfile}:{name}", "stage entry is not a mapping"))
-            continue
-        stage_spec = stages_spec.get(str(name).split("@", 1)[0])
-        stage_spec = stage_spec if isinstance(stage_spec, dict) else {}
-        wdir = stage_spec.get("wdir") or "."
-        if not isinstance(wdir, str) or "${" in wdir:
-            parsed.skipped.append((f"{lockfile}:{name}", f"unsupported wdir {_short(wdir)}"))
-            continue
-        flags = _output_flags(stage_spec)
-        outs = stage.get("outs") or []
-        if not isinstance(outs, list):
-            parsed.skipped.append((f"{lockfile}:{name}", "'outs' is not a list"))
-            continue
-        for raw in outs:
-            _add_output(parsed, raw, lockfile, base, wdir, flags, None)
-    return parsed
+    return {str(name): stage for name, stage in stages.items()}
+
+
+def _has_path(out) -> bool:
+    return isinstance(out, dict) and isinstance(out.get("path"), str) and bool(out["path"])
+
+
+def _no_file(_path: str) -> None:
+    return None
 
 
 def parse_dir_manifest(data: bytes, what: str) -> list[DirEntry]:
@@ -195,9 +209,9 @@ def _check_no_file_is_a_parent(files: set[str], what: str) -> None:
         raise MetafileError(f"{what}: {min(both)!r} is both a file and a directory in manifest")
 
 
-def _load_yaml(text: str | bytes, what: str):
+def _load_yaml(text: str | bytes, what: str, loader: type = yaml.SafeLoader):
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=loader)  # SafeLoader or Yaml12Loader: both safe
     except yaml.YAMLError as exc:
         raise MetafileError(f"{what}: malformed YAML ({_first_line(exc)})") from exc
     except (ValueError, LookupError, AttributeError, TypeError, OverflowError, RecursionError) as exc:
@@ -220,18 +234,6 @@ def _size(value) -> int | None:
     return value if type(value) is int and 0 <= value <= MAX_SIZE else None  # bool is no size
 
 
-def _output_flags(stage_spec: dict) -> dict[str, dict]:
-    """Per-output flags from `dvc.yaml` (`- path` or `- path: {cache: false, remote: x}`)."""
-    flags = {}
-    for section in ("outs", "metrics", "plots"):
-        items = stage_spec.get(section)
-        for item in items if isinstance(items, list) else []:
-            if isinstance(item, dict):
-                for path, options in item.items():
-                    flags[posixpath.normpath(str(path))] = options if isinstance(options, dict) else {}
-    return flags
-
-
 def _import_source(deps, base: str, wdir: str) -> ImportSource | None:
     if not isinstance(deps, list) or len(deps) != 1 or not isinstance(deps[0], dict):
         return None
@@ -246,7 +248,8 @@ def _import_source(deps, base: str, wdir: str) -> ImportSource | None:
         raise MetafileError(f"import of {path!r}: bad remote {_short(remote)}")
     return ImportSource(url=repo["url"], path=path, rev=_revision(repo.get("rev"), path),
                         rev_lock=_revision(repo.get("rev_lock"), path), remote=remote,
-                        config=config if isinstance(config, dict) and _is_plain(config) else None)
+                        config=config if isinstance(config, str) or (isinstance(config, dict) and _is_plain(config))
+                        else None)
 
 
 def _revision(value, path: str) -> str | None:

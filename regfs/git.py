@@ -51,7 +51,7 @@ MODE_GITLINK = 0o160000
 class TreeItem:
     path: str  # POSIX, relative to the commit root
     kind: str  # "file", "link", "dir" (a tree or a submodule, which checks out as an empty dir)
-    blob_id: str | None
+    blob_id: str | None  # the blob, or the tree of a directory (None for a submodule)
     is_exec: bool = False
 
 
@@ -205,7 +205,7 @@ class Mirror:
             for entry in tree:
                 path = prefix + entry.name
                 if entry.filemode == pygit2.enums.FileMode.TREE:
-                    yield TreeItem(path, "dir", None)
+                    yield TreeItem(path, "dir", str(entry.id))
                     stack.append((path + "/", repo[entry.id]))
                 elif entry.filemode == MODE_GITLINK:
                     yield TreeItem(path, "dir", None)
@@ -222,6 +222,11 @@ class Mirror:
     def blob_size(self, blob_id: str) -> int:
         with self._lock:
             return self.repo_unlocked()[blob_id].size
+
+    def object_size(self, object_id: str) -> int:
+        """The size of any object, a tree too (what `dvc list` reports for a Git directory)."""
+        with self._lock:
+            return self.repo_unlocked().odb.read_header(object_id)[1]
 
 
 class _Credentials(pygit2.RemoteCallbacks):

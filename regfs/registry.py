@@ -2,14 +2,18 @@
 
 `Context` holds what every registry of a process shares: the object cache, the fetcher, the
 user's DVC config levels, opened remotes, and the registries that imports lead to. The config of
-a commit is its committed `.dvc/config` over the user's system/global levels, under the overrides
-given on the command line; relative local remote URLs resolve against the registry's `.dvc/`,
-which only exists for a registry given as a local directory.
+a commit is its committed `.dvc/config` (a sub-repository's own, for its outputs) over the user's
+system/global levels, under the overrides given on the command line (or recorded by an import);
+relative local remote URLs resolve against the repository's `.dvc/`, which only exists for a
+registry given as a local directory. Such a registry without a default remote reads its objects
+from its own cache, as DVC does when it opens a local repository. Imports are followed into their
+sources, imports of imports too; a cycle is an error, not a hang.
 """
 
 import logging
 import os
 import posixpath
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -18,12 +22,14 @@ from cachetools import LRUCache
 
 from regfs.address import is_local_url, local_path, public_url
 from regfs.cache import ObjectCache, ObjectRef
-from regfs.dvcconfig import Config, RemoteSpec, parse_config, user_levels
+from regfs.dvcconfig import Config, RemoteSpec, absolutize, config_from_mapping, parse_config, user_levels
+from regfs.dvcignore import DvcIgnore
 from regfs.dvcmeta import DirEntry, ImportSource, Output
 from regfs.errors import (
     ConfigError,
     IntegrityError,
     MetafileError,
+    RegfsError,
     RemoteError,
     RevisionNotFound,
     SourceError,
@@ -46,12 +52,25 @@ from regfs.tree import (
 
 logger = logging.getLogger(__name__)
 
+LOCAL_CACHE_REMOTE = "local-cache"  # the default remote of a local registry that names none
+_MAX_IMPORT_CHAIN = 16
+_MAX_CONFIG_FILE = 1 << 20
+_resolving = threading.local()  # the imports this thread is resolving, outermost first
+
+
+def _import_chain() -> list:
+    if not hasattr(_resolving, "chain"):
+        _resolving.chain = []
+    return _resolving.chain
+
 
 @dataclass(frozen=True)
 class Snapshot:
     commit_sha: str
     commit_time: int
     root: DirNode
+    dvcignore: DvcIgnore  # which paths DVC ignores (what `dvc list` leaves out)
+    outputs: dict[str, Output]  # the outputs shown, by path (their recorded hash and size)
 
 
 class Context:
@@ -93,7 +112,7 @@ class Registry:
         self.overrides = overrides or Config()
         self.mirror = Mirror(self.url, context.mirrors_dir, context.shared_group)
         self._trees: LRUCache = LRUCache(maxsize=32)
-        self._configs: dict[str | None, Config] = {}
+        self._configs: dict[tuple, Config] = {}  # (repository root, config blob) -> config
         self._stores: dict[tuple, ObjectStore] = {}
         self._lock = threading.RLock()
         self._fetched = False
@@ -145,38 +164,63 @@ class Registry:
             return snapshot
 
     def _build(self, commit_sha: str) -> Snapshot:
-        config_blob = None
         items = self.mirror.walk(commit_sha)
+        # The registry and each sub-repository (a directory with its own `.dvc/`) read their
+        # outputs with their own `.dvc/config`, relative URLs resolving against their own `.dvc/`.
+        config_blobs: dict[str, str | None] = {}
         for item in items:
-            if item.path == ".dvc/config" and item.kind == "file":
-                config_blob = item.blob_id
-        config = self._config(config_blob)
-        builder = TreeBuilder(items, self.mirror.read_blob, self.mirror.blob_size,
-                              lambda output: self._output_node(output, config, config_blob))
-        return Snapshot(commit_sha, self.mirror.commit_time(commit_sha), builder.build())
+            if item.kind == "dir" and posixpath.basename(item.path) == ".dvc":
+                config_blobs.setdefault(_repo_root(item.path), None)
+            elif item.kind == "file" and posixpath.basename(item.path) == "config" \
+                    and posixpath.basename(posixpath.dirname(item.path)) == ".dvc":
+                config_blobs[_repo_root(posixpath.dirname(item.path))] = item.blob_id
+        roots = sorted(config_blobs, key=len, reverse=True)
+        outputs: dict[str, Output] = {}
 
-    def _config(self, config_blob: str | None) -> Config:
-        if config_blob not in self._configs:
+        def output_node(output: Output) -> Node | None:
+            root = next((root for root in roots if output.metafile.startswith(root)), "")
+            config_key = (root, config_blobs.get(root))
+            node = self._output_node(output, self._config(*config_key), config_key)
+            if node is not None:
+                outputs[output.path] = output
+            return node
+
+        builder = TreeBuilder(items, self.mirror.read_blob, self.mirror.blob_size, output_node)
+        root_node = builder.build()
+        return Snapshot(commit_sha, self.mirror.commit_time(commit_sha), root_node, builder.dvcignore, outputs)
+
+    def _config(self, root: str, config_blob: str | None) -> Config:
+        """The config of the repository at `root` ("" or "sub/") whose `.dvc/config` is `config_blob`."""
+        key = (root, config_blob)
+        if key not in self._configs:
             repo_level = Config()
             if config_blob is not None:
                 text = self.mirror.read_blob(config_blob).decode("utf-8", "replace")
-                base = os.path.join(self.local_dir, ".dvc") if self.local_dir else None
+                base = os.path.join(self.local_dir, root, ".dvc") if self.local_dir else None
                 try:
                     repo_level = parse_config(text, base)
                 except ConfigError as exc:
-                    logger.error("ignoring .dvc/config of %s: %s", self.public_url, exc)
-            self._configs[config_blob] = self.context.user_config.merged(repo_level).merged(self.overrides)
-        return self._configs[config_blob]
+                    logger.error("ignoring %s.dvc/config of %s: %s", root, self.public_url, exc)
+            config = self.context.user_config.merged(repo_level).merged(self.overrides)
+            if self.local_dir and not config.core.get("remote"):
+                # As DVC opens a local repository without a default remote (dvc get, dvc import):
+                # its own cache is the store.
+                cache_dir = config.cache.get("dir") or os.path.join(self.local_dir, root, ".dvc", "cache")
+                config.core["remote"] = LOCAL_CACHE_REMOTE
+                config.remotes[LOCAL_CACHE_REMOTE] = {"url": cache_dir}
+            self._configs[key] = config
+        return self._configs[key]
 
-    def store(self, config: Config, config_key: str | None, remote_name: str | None) -> ObjectStore:
+    def store(self, config: Config, config_key: tuple, remote_name: str | None) -> ObjectStore:
         key = (config_key, remote_name)
         if key not in self._stores:
-            label = f"remote '{remote_name or config.core.get('remote') or '(default)'}' of {self.public_url}"
+            where = f"{self.public_url} (sub-repository {config_key[0]})" if config_key[0] else self.public_url
+            label = f"remote '{remote_name or config.core.get('remote') or '(default)'}' of {where}"
             self._stores[key] = ObjectStore(self.context.fetcher,
                                             lambda: self.context.remote(config.remote(remote_name)), label)
         return self._stores[key]
 
-    def _output_node(self, output: Output, config: Config, config_key: str | None) -> Node | None:
+    def _output_node(self, output: Output, config: Config, config_key: tuple) -> Node | None:
         if output.import_source is not None:
             return self._import_node(output)
         if output.object_id is None:
@@ -213,44 +257,101 @@ class Registry:
 
         return manifest_children(entries, file_node)
 
-    def _import_node(self, output: Output) -> Node:
+    def _import_node(self, output: Output) -> Node | None:
         source = output.import_source
 
         def resolve() -> Node:
             return self._resolve_import(source, output)
 
+        if output.object_id is None:
+            # `dvc import --no-download`: no hash, so not even whether it is a directory is
+            # known without the source; DVC pulls it from there, and so does this, at once.
+            try:
+                return resolve()
+            except RegfsError as exc:
+                logger.warning("skipping import %s (%s): %s", output.path, output.metafile, exc)
+                return None
         if output.is_dir:
             return LazyDirNode(lambda: _children_of(resolve(), output.path), output.path)
         return ImportedFileNode(resolve, output.size, output.is_exec)
 
     def _resolve_import(self, source: ImportSource, output: Output) -> Node:
+        """The source's node of an import; imports of imports are followed, a cycle is an error."""
         url = source.url
         if is_local_url(url) and not os.path.isabs(local_path(url)) and self.local_dir:
             url = os.path.normpath(os.path.join(self.local_dir, local_path(url)))
-        registry = self.context.registry(url, _import_overrides(source))
-        commit_sha = registry.resolve(source.rev_lock or source.rev or "HEAD")
-        node = lookup_optional(registry.tree(commit_sha).root, posixpath.normpath(source.path))
-        if node is None:
-            raise SourceError(f"import {output.path}: {source.path} not found in {url}@{commit_sha[:12]}")
-        if isinstance(node, ObjectNode) and node.ref.hash_name == output.hash_name \
+        step = (url, source.rev_lock or source.rev, source.path, repr(source.remote), repr(source.config))
+        chain = _import_chain()
+        if step in chain or len(chain) >= _MAX_IMPORT_CHAIN:
+            raise SourceError(f"import {output.path}: {url}:{source.path} is a cycle or a chain of more "
+                              f"than {_MAX_IMPORT_CHAIN} imports")
+        chain.append(step)
+        try:
+            registry = self.context.registry(url, self._import_overrides(source, output))
+            commit_sha = registry.resolve(source.rev_lock or source.rev or "HEAD")
+            node = lookup_optional(registry.tree(commit_sha).root, posixpath.normpath(source.path))
+            if node is None:
+                raise SourceError(f"import {output.path}: {source.path} not found in {url}@{commit_sha[:12]}")
+            while isinstance(node, ImportedFileNode):  # an import of an import: read its source
+                node = node.target()
+            if isinstance(node, DirNode):
+                node.children()  # loaded here, so that a cycle through directories is seen too
+        finally:
+            chain.pop()
+        if isinstance(node, ObjectNode) and node.ref.hash_name == output.hash_name and output.object_id \
                 and node.ref.object_id != output.object_id and not output.is_dir:
             raise IntegrityError(f"import {output.path}: {url}@{commit_sha[:12]}:{source.path} is object "
                                  f"{node.ref.object_id}, the import recorded {output.object_id}")
         return node
+
+    def _import_overrides(self, source: ImportSource, output: Output) -> Config:
+        """What `dvc import --config/--remote/--remote-config` recorded, as a config level over
+        the source's own (dvc/dependency/repo.py)."""
+        if isinstance(source.config, dict):
+            overrides = config_from_mapping(source.config)
+        elif isinstance(source.config, str):
+            overrides = self._config_file(source.config, output)
+        else:
+            overrides = Config()
+        if isinstance(source.remote, str):
+            overrides.core["remote"] = source.remote.lower()
+        elif isinstance(source.remote, dict):
+            overrides.default_options = {str(key).lower(): value for key, value in source.remote.items()}
+        if self.local_dir:  # DVC ran in the importing registry: relative paths are relative to it
+            absolutize(overrides, self.local_dir)
+        return overrides
+
+    def _config_file(self, path: str, output: Output) -> Config:
+        """A config file named by an import; relative to the importing registry, where DVC ran."""
+        if not os.path.isabs(path) and self.local_dir is None:
+            raise ConfigError(f"import {output.path}: config file {path} is relative to a registry "
+                              f"that is not a local directory")
+        path = os.path.join(self.local_dir or "", path)
+        what = f"import {output.path}: cannot use config file {path}"
+        try:
+            # Whatever path a metafile names: never a device, a FIFO or a huge file.
+            info = os.stat(path)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_CONFIG_FILE:
+                raise ConfigError(f"{what}: not a regular file of at most 1 MiB")
+            with open(path, encoding="utf-8") as file:
+                text = file.read(_MAX_CONFIG_FILE)
+        except OSError as exc:
+            raise ConfigError(f"{what}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{what}: not UTF-8") from exc
+        try:
+            return parse_config(text)
+        except ConfigError as exc:  # not the parser's message: it quotes the file's lines
+            raise ConfigError(f"{what}: not a DVC config file") from exc
+
+
+def _repo_root(dvc_dir: str) -> str:
+    """"" or "sub/" for the `.dvc` directory `dvc_dir` of a repository."""
+    parent = posixpath.dirname(dvc_dir)
+    return parent + "/" if parent else ""
 
 
 def _children_of(node: Node, path: str) -> dict[str, Node]:
     if not isinstance(node, DirNode):
         raise MetafileError(f"import {path}: its source is not a directory")
     return node.children()
-
-
-def _import_overrides(source: ImportSource) -> Config:
-    overrides = Config()
-    if isinstance(source.remote, str):
-        overrides.core["remote"] = source.remote.lower()
-    elif isinstance(source.remote, dict) and source.remote.get("url"):
-        overrides.core["remote"] = "import"
-        overrides.remotes["import"] = {str(k).lower(): v for k, v in source.remote.items()}
-    return overrides
-

@@ -1,8 +1,10 @@
 """The tree of one commit: its Git files with every DVC output laid over them.
 
 A commit's tree is what `git checkout REV && dvc pull` leaves in a workspace, minus `.git/` and
-`.dvc/`. Git entries come from the commit; outputs of `.dvc` files and `dvc.lock` files replace or
-add entries at their paths (`cache: false` outputs keep their Git bytes). Directory outputs and
+`.dvc/`. Git entries come from the commit; outputs of `.dvc` files and pipelines (`dvc.lock` with
+its `dvc.yaml`) that `.dvcignore` does not exclude replace or add entries at their paths (`cache:
+false` outputs keep their Git bytes), in the registry and in each sub-repository (a directory with
+its own `.dvc/`), whose metafiles may only name outputs inside it. Directory outputs and
 imports are lazy nodes, expanded from their manifest or their source registry on first use, so
 building a tree reads no object. Nodes are immutable once built, because commits are.
 """
@@ -13,9 +15,8 @@ import posixpath
 import threading
 from collections.abc import Callable, Iterable
 
-import pathspec
-
 from regfs.cache import ObjectRef
+from regfs.dvcignore import DvcIgnore
 from regfs.dvcmeta import DirEntry, Output, Parsed, parse_dvc_file, parse_pipeline
 from regfs.errors import MetafileError, NotADirectory, PathNotFound, RegfsError
 from regfs.git import TreeItem
@@ -183,7 +184,8 @@ class TreeBuilder:
         self.root = DirNode()
         self._metafiles: dict[str, str] = {}  # path -> blob id
         self._dvcignores: dict[str, str] = {}  # directory ("" or "a/b/") -> blob id
-        self._subrepos: list[str] = []
+        self._subrepos: list[str] = []  # "sub/" of each directory holding its own `.dvc/`
+        self.dvcignore: DvcIgnore | None = None  # the commit's ignore rules, once built
         self._add_git_items(items)
 
     def build(self) -> DirNode:
@@ -216,12 +218,12 @@ class TreeBuilder:
 
     def _outputs(self) -> list[Output]:
         outputs = []
-        ignores = DvcIgnore({directory: self._read_blob(blob_id) for directory, blob_id in self._dvcignores.items()})
+        self.dvcignore = DvcIgnore({directory: self._read_blob(blob_id)
+                                    for directory, blob_id in self._dvcignores.items()}, self._subrepos)
         for path, blob_id in sorted(self._metafiles.items()):
-            if any(path.startswith(subrepo) for subrepo in self._subrepos):
-                continue  # a sub-repository's outputs belong to its own `dvc pull`
-            if ignores.is_ignored(path):
-                logger.debug("not collecting %s: .dvcignore excludes it", path)
+            collected = path if path.endswith(".dvc") else posixpath.join(posixpath.dirname(path), "dvc.yaml")
+            if self.dvcignore.is_ignored(collected):
+                logger.debug("not collecting %s: .dvcignore excludes it", collected)
                 continue
             try:
                 parsed = self._parse(path, blob_id)
@@ -230,7 +232,13 @@ class TreeBuilder:
                 continue
             for what, reason in parsed.skipped:
                 logger.warning("skipping output %s: %s", what, reason)
-            outputs.extend(parsed.outputs)
+            root = self.dvcignore.repo_root(path)  # each (sub-)repository holds its own outputs
+            for output in parsed.outputs:
+                if self.dvcignore.repo_root(output.path) == root:
+                    outputs.append(output)
+                else:
+                    logger.warning("skipping output %s (%s): it is not in the repository of its metafile",
+                                   output.path, output.metafile)
         return outputs
 
     def _parse(self, path: str, blob_id: str) -> Parsed:
@@ -240,7 +248,12 @@ class TreeBuilder:
         spec_path = posixpath.join(posixpath.dirname(path), "dvc.yaml")
         spec = lookup_optional(self.root, spec_path)
         spec_text = spec.data() if isinstance(spec, BlobNode) else None
-        return parse_pipeline(spec_text, text, path)
+        return parse_pipeline(spec_text, text, path, self._git_file)
+
+    def _git_file(self, path: str) -> bytes | None:
+        """The bytes of a Git file of the commit (a vars file of a `dvc.yaml`), None if absent."""
+        node = lookup_optional(self.root, path)
+        return node.data() if isinstance(node, BlobNode) else None
 
     def _overlay(self, output: Output) -> None:
         *parents, name = output.path.split("/")
@@ -257,21 +270,6 @@ class TreeBuilder:
         output_node = self._output_node(output)
         if output_node is not None:
             node.children()[name] = output_node
-
-
-class DvcIgnore:
-    """`.dvcignore` files (gitignore syntax, one per directory, applying below it), as DVC reads
-    them to decide which metafiles it collects."""
-
-    def __init__(self, files: dict[str, bytes]):
-        self._specs = []
-        for directory, text in sorted(files.items()):
-            lines = text.decode("utf-8", "replace").splitlines()
-            self._specs.append((directory, pathspec.GitIgnoreSpec.from_lines(lines)))
-
-    def is_ignored(self, path: str) -> bool:
-        return any(path.startswith(directory) and spec.match_file(path[len(directory):])
-                   for directory, spec in self._specs)
 
 
 def lookup_optional(root: Node, path: str) -> Node | None:

@@ -287,25 +287,37 @@ class Oracle:
         dvc_executable: Path | None = None,
         local_config: Iterable[tuple[str, str, str]] = (),
         pull_args: Iterable[str] = (),
+        pull_check: bool = True,
+        subrepos: Iterable[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> Path:
         """A pulled workspace of `rev`; `local_config` holds (remote, option, value) triples set
         with `dvc remote modify --local` before pulling (what a user keeps in config.local), and
-        `pull_args` extra arguments of `dvc pull` (such as `-r REMOTE`)."""
+        `pull_args` extra arguments of `dvc pull` (such as `-r REMOTE`). With `pull_check` false,
+        a pull that fails for some outputs (DVC still checks out the others) is accepted: the test
+        then asserts which outputs are missing. `subrepos` are directories (sub-repositories) where
+        `dvc pull` runs too, after the root; `env` variables are set for every dvc command (such
+        as DVC_GLOBAL_CONFIG_DIR)."""
         executable = dvc_executable or self.tools.dvc3
         local_config = tuple(local_config)
         pull_args = tuple(pull_args)
+        subrepos = tuple(subrepos)
+        extra_env = tuple(sorted((env or {}).items()))
+        run_env = {**self.tools.env, **dict(extra_env)}
         commit = self.tools.run(
             ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=source
         ).stdout.decode().strip()
-        key = (str(source), commit, str(executable), local_config, pull_args)
+        key = (str(source), commit, str(executable), local_config, pull_args, pull_check, subrepos, extra_env)
         if key not in self._clones:
             workspace = source.parent / f".oracle-{source.name}-{commit[:10]}-{next(self._counter)}"
             self.tools.run(["git", "clone", "-q", "--no-checkout", source, workspace], cwd=source.parent)
             self.tools.run(["git", "checkout", "-q", commit], cwd=workspace)
             for remote, option, value in local_config:
                 self.tools.run([executable, "remote", "modify", "--local", remote, option, value],
-                               cwd=workspace)
-            self.tools.run([executable, "pull", "-q", *pull_args], cwd=workspace)
+                               cwd=workspace, env=run_env)
+            for directory in ("", *subrepos):
+                self.tools.run([executable, "pull", "-q", *pull_args], cwd=workspace / directory,
+                               check=pull_check, env=run_env)
             self._clones[key] = workspace
         return self._clones[key]
 
@@ -317,9 +329,12 @@ class Oracle:
         dvc_executable: Path | None = None,
         local_config: Iterable[tuple[str, str, str]] = (),
         pull_args: Iterable[str] = (),
+        pull_check: bool = True,
+        subrepos: Iterable[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> Snapshot:
         workspace = self.clone(source, rev, dvc_executable=dvc_executable, local_config=local_config,
-                               pull_args=pull_args)
+                               pull_args=pull_args, pull_check=pull_check, subrepos=subrepos, env=env)
         if workspace not in self._trees:
             self._trees[workspace] = snapshot(workspace)
         return self._trees[workspace]

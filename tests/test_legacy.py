@@ -4,6 +4,12 @@ then extended with DVC 3 (plain md5, `files/md5/ab/cdef`) in the same repo and r
 Legacy text objects are named by the hash of their bytes with CRLF turned into LF, so a reader
 that verifies downloads with plain md5 rejects them; the files here make that visible: CRLF text,
 mixed endings, CRLF pairs split across read-buffer boundaries, binary data full of CRLF.
+
+The branch `old-formats` holds what DVC 1.x and 0.x wrote and DVC 2 still reads (DVC 3 refuses
+both): a `.dvc` file with several outputs, a `wdir`, and the old keys `cmd`, `md5`, `locked`,
+`deps`, `metric`, `persist`; and a `dvc.lock` 1.0 (no `schema` key, stages at the top, outputs
+without sizes). No DVC 1.x runs here, so both are DVC 2.58's own files rewritten into the old
+shape (the inverse of DVC 2's `migrate_lock_v1_to_v2`), and DVC 2.58 is their oracle.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ import shutil
 from dataclasses import dataclass
 
 import pytest
+import yaml
 
+from tests.lsparity import assert_ls_matches_dvc_list
 from tests.registry import Registry, random_bytes
 from tests.trees import assert_same_tree, md5_hex, missing_from_cache, object_path, snapshot
 
@@ -38,11 +46,49 @@ def mostly_non_printable() -> bytes:
     return bytes(range(0x80, 0x100)) * 4 + b"\r\nsome text\r\n"
 
 
+OLD_PIPELINE = r"""
+stages:
+  make:
+    wdir: work
+    cmd: >-
+      mkdir -p ../made/parts &&
+      printf 'made by dvc 2\r\n' > ../made/one.txt &&
+      printf 'part\r\n' > ../made/parts/p.txt
+    outs:
+    - ../made/one.txt
+    - ../made/parts
+"""
+
+
 @dataclass
 class LegacyRegistry:
     registry: Registry
     legacy_sha: str
     mixed_sha: str
+
+
+def old_style_dvc_file(registry: Registry, metafiles: list[str], wdir: str) -> str:
+    """One `.dvc` file of DVC 0.x/1.x (a stage with `cmd`, `md5`, `locked`, `wdir` and several
+    outputs carrying `cache`, `metric`, `persist`), made of the outputs of `metafiles`."""
+    outs = []
+    for metafile in metafiles:
+        (out,) = yaml.safe_load((registry.path / metafile).read_text())["outs"]
+        out.pop("size", None)  # DVC 0.x wrote no sizes
+        out.pop("nfiles", None)
+        outs.append({**out, "path": out["path"], "cache": True, "metric": False, "persist": False})
+        registry.remove(metafile)
+    return yaml.safe_dump({"md5": "0123456789abcdef0123456789abcdef", "cmd": "echo old", "wdir": wdir,
+                           "deps": [], "outs": outs, "locked": True}, sort_keys=False)
+
+
+def lock_v1(text: str) -> str:
+    """A DVC 2 `dvc.lock` (schema 2.0) in the 1.0 shape: stages at the top, no sizes."""
+    stages = yaml.safe_load(text)["stages"]
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            out.pop("size", None)
+            out.pop("nfiles", None)
+    return yaml.safe_dump(stages, sort_keys=False)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +112,21 @@ def legacy(tools, tmp_path_factory) -> LegacyRegistry:
     registry.push()
     legacy_sha = registry.commit("written by DVC 2")
     registry.tag("legacy")
+
+    registry.checkout("old-formats", new_branch=True)
+    registry.write("old/a.txt", b"old style\r\n")
+    registry.write("old/b.bin", binary_with_crlf())
+    registry.write("old/dir/x.txt", b"in an old directory output\r\n")
+    registry.add("old/a.txt", "old/b.bin", "old/dir")
+    registry.write("stages/old.dvc", old_style_dvc_file(
+        registry, ["old/a.txt.dvc", "old/b.bin.dvc", "old/dir.dvc"], "../old"))
+    registry.write("pipe/dvc.yaml", OLD_PIPELINE)
+    (registry.path / "pipe" / "work").mkdir()
+    registry.dvc("repro", "pipe/dvc.yaml")
+    registry.push()
+    registry.write("pipe/dvc.lock", lock_v1((registry.path / "pipe" / "dvc.lock").read_text()))
+    registry.commit("formats of DVC 0.x and 1.x")
+    registry.checkout("main")
 
     registry.dvc_executable = tools.dvc3
     registry.write("new3.txt", b"written by dvc 3\r\n")
@@ -97,6 +158,16 @@ def test_pinned_legacy_commit_with_dvc2_oracle(legacy, mount, oracle, tools):
     mounted = mount(f"{source}@legacy")
     assert_same_tree(snapshot(mounted.path), oracle.tree(source, "legacy", dvc_executable=tools.dvc2),
                      "pinned legacy commit vs dvc 2 pull")
+
+
+def test_old_formats_equal_the_dvc2_oracle(legacy, mount, oracle, tools):
+    source = legacy.registry.path
+    old_dvc_file = legacy.registry.git("show", "old-formats:stages/old.dvc")
+    assert "locked: true" in old_dvc_file and "metric: false" in old_dvc_file, old_dvc_file
+    assert "schema" not in legacy.registry.git("show", "old-formats:pipe/dvc.lock")
+    mounted = mount(f"{source}@old-formats")
+    assert_same_tree(snapshot(mounted.path), oracle.tree(source, "old-formats", dvc_executable=tools.dvc2),
+                     "old formats vs dvc 2 pull")
 
 
 def test_cache_keeps_both_layouts(legacy, mount, oracle):
@@ -139,3 +210,11 @@ def test_corrupt_legacy_object_is_eio(legacy, mount, oracle, tmp_path):
     assert not object_path(mounted.cache_dir, object_id, legacy=True).exists()
     expected = oracle.tree(legacy.registry.path, "legacy")
     assert (mounted / "split-crlf.txt").read_bytes() == expected["split-crlf.txt"][2]
+
+
+def test_ls_matches_dvc_list(legacy, tools, oracle, regfs_cli, tmp_path):
+    """DVC 2 and mixed commits, listed by DVC 3 (which refuses the old-formats branch; DVC 2.58's
+    `dvc list` fails with the pygit2 1.21 that constraints-dvc2.txt pins: GIT_OBJ_COMMIT is gone)."""
+    source = legacy.registry.path
+    for rev in ("legacy", "main"):
+        assert_ls_matches_dvc_list(tools, regfs_cli, source, rev, oracle.clone(source, rev), tmp_path / "cache")

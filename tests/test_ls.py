@@ -1,67 +1,36 @@
-"""`regfs ls` against `dvc list` on the basic registry.
-
-`dvc list --rev REV` is the oracle for names, `isdir` and `isout`. It is not for `isexec`: DVC
-3.67 reports `isexec: false` for an output recorded `isexec: true`, so `isexec` is checked against
-the executable bits of the pulled workspace, which is what the mount shows.
-"""
+"""`regfs ls` against `dvc list` on the basic registry, every revision (the other fixtures' modules
+run the same comparison on their registries: tests/lsparity.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 
-from tests.registry import Tools
-
-
-def dvc_list(tools: Tools, source: str, rev: str, path: str | None, *flags: str) -> str:
-    args = [tools.dvc3, "list", source, *([path] if path else []), "--rev", rev, *flags]
-    return tools.run(args, cwd=tools.workdir).stdout.decode()
-
-
-def regfs_ls(regfs_cli, basic, rev, path, tmp_path, *flags):
-    result = regfs_cli("ls", f"{basic.path}@{rev}", *([path] if path else []), *flags,
-                       "--cache-dir", tmp_path / "ls-cache")
-    assert result.returncode == 0, result
-    return result.stdout
-
-
-@pytest.mark.parametrize(
-    ("rev", "path", "recursive"),
-    [
-        ("v1.0", None, False),
-        ("v2.0", None, False),
-        ("feature/x", None, False),
-        ("v1.0", "data", False),
-        ("v1.0", "data/sub", False),
-        ("v2.0", "données", False),
-        ("v1.0", None, True),
-        ("v2.0", "data", True),
-    ],
+from tests.lsparity import (
+    ALL_TEXT_FLAGS,
+    TEXT_FLAGS,
+    TEXT_FLAGS_INSIDE_OUTPUTS,
+    assert_ls_matches_dvc_list,
+    dvc_list,
+    regfs_ls,
 )
-def test_ls_names_match_dvc_list(basic, tools, regfs_cli, tmp_path, rev, path, recursive):
-    flags = ("-R",) if recursive else ()
-    expected = dvc_list(tools, str(basic.path), rev, path, *flags).splitlines()
-    actual = regfs_ls(regfs_cli, basic, rev, path, tmp_path, *flags).splitlines()
-    assert sorted(actual) == sorted(expected), "regfs ls and dvc list name different entries"
-    assert actual == expected, f"same entries, different order:\nregfs ls: {actual}\ndvc list: {expected}"
 
 
-@pytest.mark.parametrize(("rev", "path", "recursive"), [("v1.0", None, False), ("v1.0", "data", True)])
-def test_ls_json_matches_dvc_list_and_the_workspace(basic, tools, oracle, regfs_cli, tmp_path, rev, path,
-                                                    recursive):
-    flags = ("-R",) if recursive else ()
-    expected = json.loads(dvc_list(tools, str(basic.path), rev, path, "--json", *flags))
-    actual = json.loads(regfs_ls(regfs_cli, basic, rev, path, tmp_path, "--json", *flags))
-    assert isinstance(actual, list)
-    assert [entry["path"] for entry in actual] == [entry["path"] for entry in expected]
-    assert {entry["path"]: (entry["isdir"], entry["isout"]) for entry in actual} == \
-        {entry["path"]: (entry["isdir"], entry["isout"]) for entry in expected}
+@pytest.mark.parametrize(("rev", "paths", "text_flags"), [
+    ("v1.0", (None,), ALL_TEXT_FLAGS),
+    ("v1.0", ("données",), TEXT_FLAGS),
+    ("v1.0", ("data", "data/sub"), TEXT_FLAGS_INSIDE_OUTPUTS),
+    ("v2.0", (None,), TEXT_FLAGS),
+    ("feature/x", (None,), TEXT_FLAGS),
+    ("main", (None,), TEXT_FLAGS),
+])
+def test_ls_matches_dvc_list(basic, tools, oracle, regfs_cli, tmp_path, rev, paths, text_flags):
+    assert_ls_matches_dvc_list(tools, regfs_cli, basic.path, rev, oracle.clone(basic.path, rev), tmp_path / "cache",
+                               paths, text_flags)
 
-    workspace = oracle.clone(basic.path, rev)
-    base = workspace / path if path else workspace
-    for entry in actual:
-        on_disk = base / entry["path"]
-        want_exec = on_disk.is_file() and not on_disk.is_symlink() and os.access(on_disk, os.X_OK)
-        assert entry["isexec"] is want_exec, f"{entry} vs the pulled workspace"
+
+def test_ls_of_a_file_and_of_nothing(basic, tools, regfs_cli, tmp_path):
+    for path, flags in (("big.bin", ("--json",)), ("README.txt", ("--size", "--show-hash")), ("links/data-link", ())):
+        assert regfs_ls(regfs_cli, basic.path, "v1.0", path, tmp_path, *flags) == \
+            dvc_list(tools, basic.path, "v1.0", path, *flags), (path, flags)
+    result = regfs_cli("ls", f"{basic.path}@v1.0", "no/such/path", "--cache-dir", tmp_path)
+    assert result.returncode == 1 and "no/such/path" in result.stderr, result

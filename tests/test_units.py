@@ -109,7 +109,9 @@ stages:
 
 def test_lock_schema_1_and_unknown_schemas():
     lock_v1 = "build:\n  cmd: x\n  outs:\n  - path: out\n    md5: d41d8cd98f00b204e9800998ecf8427e\n"
-    assert [o.path for o in parse_pipeline(None, lock_v1, "dvc.lock").outputs] == ["out"]
+    spec = "stages:\n  build:\n    cmd: x\n    outs: [out]\n"
+    assert [o.path for o in parse_pipeline(spec, lock_v1, "dvc.lock").outputs] == ["out"]
+    assert parse_pipeline(None, lock_v1, "dvc.lock").outputs == []  # no dvc.yaml: DVC ignores the lock
     with pytest.raises(MetafileError):
         parse_pipeline(None, "schema: '9.0'\nstages: {}\n", "dvc.lock")
 
