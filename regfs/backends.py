@@ -1,8 +1,10 @@
-"""The requests of each remote type (the only importer of fsspec backends, s3fs, botocore, aiohttp).
+"""The requests of each remote type (with regfs/cloudbackends.py, for SSH, Azure and GCS, the only
+importer of fsspec backends, s3fs, botocore, aiohttp).
 
 A `Backend` makes one request per call and knows nothing of retries (regfs/remotes.py does them):
 `size(path)` is None for a missing object, `read(path, start, end)` the bytes of that range as the
 remote sent them (fewer if the body was cut short), `list(path)` names and sizes below a prefix.
+A path is a string, or a `Version` (a path read at one version of a cloud-versioned remote).
 `open_backend` builds one from DVC's option names. Which failures may go away when a request is
 repeated, and how each is said in one line, is decided here, next to the libraries that raise them.
 

@@ -12,9 +12,12 @@ SSH: one connection per remote, opened at the first request (so that a registry 
 SSH remote is down) and again after it broke. As DVC (and sshfs) do, the server's host key is not
 checked against known_hosts; every object is verified by its hash before it is served, so a
 server in the middle can deny service but cannot change a byte.
+
+azure-core's request log and asyncssh's connection log are held at WARNING.
 """
 
 import asyncio
+import logging
 import os
 import threading
 
@@ -24,6 +27,12 @@ from regfs.backends import Fault, FsspecBackend, Version
 from regfs.dvcconfig import RemoteSpec, bool_value
 from regfs.errors import ConfigError
 
+# azure-core logs every request and response at INFO (headers redacted, but two dozen lines per
+# object), asyncssh every connection and channel: a mount's log keeps regfs's own lines, and what
+# these libraries say at WARNING and above (unless someone chose a level on purpose).
+for _name in ("azure", "asyncssh"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.WARNING)
 
 def open_backend(scheme: str, spec: RemoteSpec, connect_timeout: float,
                  read_timeout: float) -> tuple[FsspecBackend, str]:

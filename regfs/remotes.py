@@ -1,8 +1,8 @@
 """Remotes: where objects are downloaded from, with bounded retries (requests are in backends.py).
 
 A `Remote` answers three questions about objects by their relative path (`files/md5/ab/cd...`):
-stream its bytes, and its size, one by one or in bulk. Supported: local directories, S3 and
-HTTP(S), configured with DVC's option names. Errors come out as `ObjectMissing` or `RemoteError`
+stream its bytes, and its size, one by one or in bulk. Supported: local directories, S3, HTTP(S),
+SSH/SFTP, Azure Blob and GCS, configured with DVC's option names. Errors come out as `ObjectMissing` or `RemoteError`
 naming the remote and the last reason; credentials never appear in them: `url` and `describe()`
 show the URL without its `user:password@`, and every reason is scrubbed of the remote's secrets.
 

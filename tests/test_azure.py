@@ -50,6 +50,7 @@ def test_a_wrong_key_is_eio_through_the_mount(azure_registry, azurite, mount, re
     line = read_fails_with_eio(mounted, "plain.txt", "azstore")
     assert "HTTP 403" in line, line
     assert_no_secret({"daemon log": mounted.log_text()}, WRONG_KEY)
+    assert "http_logging_policy" not in mounted.log_text(), "azure-core's request log is in the daemon's"
 
 
 @pytest.mark.parametrize("case", ["wrong key", "missing container", "missing object", "nothing listens"])
