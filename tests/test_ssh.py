@@ -74,14 +74,12 @@ def silent_port():
         yield listener.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", ["refused login", "nothing listens", "silent server", "missing object"])
+@pytest.mark.parametrize("case", ["nothing listens", "silent server", "missing object"])
 def test_each_failure_is_one_clear_line(ssh_registry, regfs_cli, tmp_path, silent_port, case):
+    """(A refused login: test_a_refused_login_is_eio_through_the_mount.)"""
     server, registry = ssh_registry.server, ssh_registry.registry
     options = ssh_registry.options()
-    if case == "refused login":
-        options = ssh_registry.options(server.wrong_keyfile)
-        expected = "SSH login refused"
-    elif case == "nothing listens":
+    if case == "nothing listens":
         options += ["--remote-config", f"sshstore.port={free_port()}"]
         expected = "SSH connection failed"
     elif case == "silent server":
