@@ -1,8 +1,10 @@
-"""The requests of each remote type (the only importer of fsspec backends, s3fs, botocore, aiohttp).
+"""The requests of each remote type (with regfs/cloudbackends.py, for SSH, Azure and GCS, the only
+importer of fsspec backends, s3fs, botocore, aiohttp).
 
 A `Backend` makes one request per call and knows nothing of retries (regfs/remotes.py does them):
 `size(path)` is None for a missing object, `read(path, start, end)` the bytes of that range as the
 remote sent them (fewer if the body was cut short), `list(path)` names and sizes below a prefix.
+A path is a string, or a `Version` (a path read at one version of a cloud-versioned remote).
 `open_backend` builds one from DVC's option names. Which failures may go away when a request is
 repeated, and how each is said in one line, is decided here, next to the libraries that raise them.
 
@@ -18,10 +20,14 @@ steps: its loggers are held at INFO, so that `--debug` shows regfs's own detail 
 """
 
 import asyncio
+import contextlib
 import errno
+import functools
 import logging
 import os
 import ssl
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
@@ -32,7 +38,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from botocore.exceptions import SSLError as BotoSSLError
 
 from regfs.address import public_url
-from regfs.dvcconfig import RemoteSpec
+from regfs.dvcconfig import RemoteSpec, bool_value
 from regfs.errors import ConfigError
 
 for _name in ("botocore", "aiobotocore"):
@@ -43,9 +49,15 @@ CHUNK = 8 << 20  # bytes per ranged request, at most: what a failed request cost
 
 
 class Fault(Exception):
-    """A failed request that no library reported: a bad status, a broken promise of the protocol."""
+    """A failed request said in regfs's words: a bad status, a broken promise of the protocol, or
+    a library's error translated by the backend that called it (`transient` if worth repeating)."""
 
     transient = False
+
+    def __init__(self, message: str, transient: bool | None = None):
+        super().__init__(message)
+        if transient is not None:
+            self.transient = transient
 
 
 class ShortBody(Fault):
@@ -56,8 +68,16 @@ class ShortBody(Fault):
 
 class HTTPStatus(Fault):
     def __init__(self, status: int, reason: str | None):
-        super().__init__(f"HTTP {status} {reason or ''}".strip())
-        self.transient = status >= 500 or status in (408, 429)
+        super().__init__(f"HTTP {status} {reason or ''}".strip(), transient=status >= 500 or status in (408, 429))
+
+
+@dataclass(frozen=True)
+class Version:
+    """An object of a cloud-versioned remote: its path, read at one version (S3's VersionId,
+    Azure's versionid, GCS's generation)."""
+
+    path: str
+    version_id: str
 
 
 # What a request may raise besides FileNotFoundError (a missing object).
@@ -69,10 +89,10 @@ _TRANSIENT_ERRNOS = {errno.EIO, errno.EREMOTEIO, errno.EBUSY, errno.EAGAIN, errn
 class Backend:
     can_list = False
 
-    def size(self, path: str) -> int | None:
+    def size(self, path: str | Version) -> int | None:
         raise NotImplementedError
 
-    def read(self, path: str, start: int, end: int) -> bytes:
+    def read(self, path: str | Version, start: int, end: int) -> bytes:
         raise NotImplementedError
 
     def list(self, path: str) -> list[tuple[str, int]]:
@@ -80,28 +100,84 @@ class Backend:
 
 
 class FsspecBackend(Backend):
-    """Local directories and S3: the fsspec filesystem's own calls."""
+    """The fsspec filesystem's own calls: local directories and S3 here, SSH, Azure and GCS in
+    regfs/cloudbackends.py, whose subclasses translate their libraries' errors (`_translate`).
+
+    `container` names what the first path component is ("bucket", "container"), if anything: a
+    missing object whose container is missing too is said to be so, not just missing. Versions are
+    read through `versioned()` (S3 needs a version-aware twin of the filesystem, whose listings
+    would list every version), with the keyword `version_key` of `info` and `cat_file`.
+    """
 
     can_list = True
+    container = ""
+    version_key = "version_id"
 
-    def __init__(self, fs: fsspec.AbstractFileSystem):
+    def __init__(self, fs: fsspec.AbstractFileSystem | None,
+                 versioned: Callable[[], fsspec.AbstractFileSystem] | None = None):
         self._fs = fs
+        self._versioned = versioned
 
-    def size(self, path: str) -> int | None:
-        try:
-            return int(self._fs.info(path)["size"])
-        except FileNotFoundError:
-            return None
+    def filesystem(self) -> fsspec.AbstractFileSystem:
+        return self._fs
 
-    def read(self, path: str, start: int, end: int) -> bytes:
-        return self._fs.cat_file(path, start=start, end=end)
+    def size(self, path: str | Version) -> int | None:
+        with self._translated():
+            fs, target, kwargs = self._target(path)
+            try:
+                return int(fs.info(target, **kwargs)["size"])
+            except FileNotFoundError:
+                self._check_container(fs, target)
+                return None
+
+    def read(self, path: str | Version, start: int, end: int) -> bytes:
+        with self._translated():
+            fs, target, kwargs = self._target(path)
+            return fs.cat_file(target, start=start, end=end, **kwargs)
 
     def list(self, path: str) -> list[tuple[str, int]]:
-        try:
-            entries = self._fs.ls(path, detail=True)
-        except FileNotFoundError:
-            return []
+        with self._translated():
+            try:
+                entries = self.filesystem().ls(path, detail=True)
+            except FileNotFoundError:
+                return []
         return [(entry["name"], int(entry["size"])) for entry in entries if entry.get("type") == "file"]
+
+    def _target(self, path: str | Version) -> tuple[fsspec.AbstractFileSystem, str, dict]:
+        if not isinstance(path, Version):
+            return self.filesystem(), path, {}
+        if self._versioned is None:
+            raise Fault(f"this remote type keeps no object versions (asked for version {path.version_id})")
+        return self._versioned(), path.path, {self.version_key: path.version_id}
+
+    def _check_container(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
+        """Raise a permanent fault if the bucket or container of a missing object is missing too
+        (an `exists` would also say False when it cannot tell)."""
+        name = path.split("/", 1)[0]
+        if not self.container or not name:
+            return
+        try:
+            fs.info(name)
+        except FileNotFoundError:
+            raise Fault(f"{self.container} '{name}' does not exist") from None
+        except ERRORS:
+            return  # cannot tell: the object is missing, which is all that is known
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except (FileNotFoundError, Fault):
+            raise
+        except Exception as exc:
+            translated = self._translate(exc)
+            if translated is None:
+                raise
+            raise translated from exc
+
+    def _translate(self, exc: Exception) -> BaseException | None:
+        """The error regfs should see instead of a library's own (None: keep it)."""
+        return None
 
 
 _IDENTITY = {"Accept-Encoding": "identity"}  # sizes and ranges of the stored bytes, not of a gzip
@@ -114,11 +190,11 @@ class HTTPBackend(Backend):
         self._fs = HTTPFileSystem(skip_instance_cache=True, get_client=_http_session,
                                   client_kwargs=client_kwargs)
 
-    def size(self, path: str) -> int | None:
-        return fsspec.asyn.sync(self._fs.loop, self._head, path)
+    def size(self, path: str | Version) -> int | None:
+        return fsspec.asyn.sync(self._fs.loop, self._head, _unversioned(path))
 
-    def read(self, path: str, start: int, end: int) -> bytes:
-        return fsspec.asyn.sync(self._fs.loop, self._get, path, start, end)
+    def read(self, path: str | Version, start: int, end: int) -> bytes:
+        return fsspec.asyn.sync(self._fs.loop, self._get, _unversioned(path), start, end)
 
     async def _head(self, url: str) -> int | None:
         session = await self._fs.set_session()
@@ -149,6 +225,12 @@ class HTTPBackend(Backend):
             return await response.content.readexactly(end - start)
 
 
+def _unversioned(path: str | Version) -> str:
+    if isinstance(path, Version):
+        raise Fault(f"HTTP remotes keep no object versions (asked for version {path.version_id})")
+    return path
+
+
 async def _http_session(*, loop=None, connect_timeout: float, read_timeout: float, verify, **kwargs):
     """The aiohttp session of one HTTP remote (fsspec calls this in its event loop)."""
     timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_connect=connect_timeout,
@@ -169,14 +251,28 @@ def open_backend(spec: RemoteSpec, connect_timeout: float, read_timeout: float) 
         return FsspecBackend(fsspec.filesystem("file")), os.path.abspath(spec.url)
     scheme, _, rest = spec.url.partition("://")
     if scheme == "s3":
-        fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False,
-                               **_s3_options(spec, connect_timeout, read_timeout))
-        fs.retries = 1  # s3fs's own retry loop around each botocore call
-        return FsspecBackend(fs), rest
+        options = _s3_options(spec, connect_timeout, read_timeout)
+        fs = _s3_filesystem(options, version_aware=False)
+        return S3Backend(fs, functools.cache(lambda: _s3_filesystem(options, version_aware=True))), rest
     if scheme in ("http", "https"):
         return HTTPBackend(_http_options(spec, connect_timeout, read_timeout)), public_url(spec.url)
+    if scheme in ("ssh", "azure", "gs"):
+        from regfs import cloudbackends
+
+        return cloudbackends.open_backend(scheme, spec, connect_timeout, read_timeout)
     raise ConfigError(f"remote '{spec.name}': {scheme}:// remotes are not supported "
-                      "(local, s3, http and https are)")
+                      "(local, s3, http, https, ssh, azure and gs are)")
+
+
+class S3Backend(FsspecBackend):
+    container = "bucket"
+
+
+def _s3_filesystem(options: dict, version_aware: bool) -> fsspec.AbstractFileSystem:
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False,
+                           version_aware=version_aware, **options)
+    fs.retries = 1  # s3fs's own retry loop around each botocore call
+    return fs
 
 
 def _s3_options(spec: RemoteSpec, connect_timeout: float, read_timeout: float) -> dict:
@@ -197,8 +293,8 @@ def _s3_options(spec: RemoteSpec, connect_timeout: float, read_timeout: float) -
         if options.get(dvc_name):
             kwargs[s3fs_name] = options[dvc_name]
     if "use_ssl" in options:
-        kwargs["use_ssl"] = _bool(options["use_ssl"])
-    if _bool(options.get("allow_anonymous_login", False)) and not kwargs.get("key"):
+        kwargs["use_ssl"] = bool_value(options["use_ssl"])
+    if bool_value(options.get("allow_anonymous_login", False)) and not kwargs.get("key"):
         kwargs["anon"] = True
     if options.get("credentialpath"):
         os.environ.setdefault("AWS_SHARED_CREDENTIALS_FILE", options["credentialpath"])
@@ -215,7 +311,7 @@ def _http_options(spec: RemoteSpec, connect_timeout: float, read_timeout: float)
     parts = urlsplit(spec.url)
     kwargs: dict = {"connect_timeout": connect_timeout, "read_timeout": read_timeout,
                     "verify": _ssl_context(options["ssl_verify"]) if "ssl_verify" in options else True}
-    if _bool(options.get("ask_password", False)) and options.get("password") is None:
+    if bool_value(options.get("ask_password", False)) and options.get("password") is None:
         raise ConfigError(f"remote '{name}': ask_password cannot prompt in regfs; give the password with "
                           f"--remote-config {name}.password=...")
     if parts.username is not None:  # user:password@ in the URL: basic authentication, as aiohttp does
@@ -237,7 +333,7 @@ def _http_options(spec: RemoteSpec, connect_timeout: float, read_timeout: float)
 
 
 def _ssl_verify(value) -> bool | str:
-    return _bool(value) if str(value).lower() in ("true", "false") else value
+    return bool_value(value) if str(value).lower() in ("true", "false") else value
 
 
 def _ssl_context(value) -> bool | ssl.SSLContext:
@@ -249,6 +345,21 @@ def _ssl_context(value) -> bool | ssl.SSLContext:
         return ssl.create_default_context(cafile=os.path.expanduser(verify))
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"ssl_verify: cannot load CA bundle {verify}: {exc}") from exc
+
+
+_SECRET_OPTIONS = ("password", "passphrase", "secret_access_key", "session_token", "account_key", "sas_token",
+                   "client_secret", "connection_string")
+
+
+def option_secrets(options: dict) -> list[str]:
+    """The secrets among a remote's options, and the keys and signatures inside an Azure
+    connection string (`AccountKey=...;SharedAccessSignature=...`), each of which may be quoted alone."""
+    values = [str(options[name]) for name in _SECRET_OPTIONS if options.get(name)]
+    for part in str(options.get("connection_string") or "").split(";"):
+        key, _, value = part.partition("=")
+        if key.strip().lower() in ("accountkey", "sharedaccesssignature") and value:
+            values.append(value)
+    return values
 
 
 def url_credentials(url: str) -> list[str]:
@@ -300,7 +411,3 @@ def _first_line(exc: BaseException) -> str:
     if not lines and exc.__cause__ is not None:
         return _first_line(exc.__cause__)
     return lines[0] if lines else type(exc).__name__
-
-
-def _bool(value) -> bool:
-    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1", "yes")

@@ -27,6 +27,12 @@ class RemoteSpec:
     def is_local(self) -> bool:
         return is_local_path(self.url)
 
+    @property
+    def is_versioned(self) -> bool:
+        """A cloud-versioned remote (`version_aware` or `worktree`): it keeps each output's files
+        at their path in the registry, in versions, not as content-addressed objects."""
+        return any(bool_value(self.options.get(key, False)) for key in ("version_aware", "worktree"))
+
 
 @dataclass
 class Config:
@@ -121,6 +127,11 @@ def user_levels() -> list[Config]:
         except (OSError, UnicodeDecodeError, ConfigError) as exc:
             raise ConfigError(f"cannot read DVC config {path}: {exc}") from exc
     return levels
+
+
+def bool_value(value) -> bool:
+    """A boolean option as configobj and DVC read it (`true`, `1`, `yes`; any case)."""
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("true", "1", "yes")
 
 
 def is_local_path(url: str) -> bool:

@@ -50,6 +50,15 @@ class ImportSource:
 
 
 @dataclass(frozen=True)
+class DirEntry:
+    relpath: str
+    object_id: str
+    is_exec: bool = False
+    size: int | None = None
+    versions: tuple[tuple[str | None, str], ...] = ()  # cloud versioning: (remote or None, version_id)
+
+
+@dataclass(frozen=True)
 class Output:
     path: str  # workspace path, POSIX, relative to the registry root, normalised
     object_id: str | None  # md5 hex digest, with `.dir` for a directory
@@ -60,18 +69,14 @@ class Output:
     cache: bool = True
     remote: str | None = None
     import_source: ImportSource | None = None
+    # Cloud versioning (../shared/dvc-format.md section 8): the version ids of a file output, per
+    # remote (None: the older flat form names none), and the entries of a directory output.
+    versions: tuple[tuple[str | None, str], ...] = ()
+    files: tuple[DirEntry, ...] | None = None
 
     @property
     def is_dir(self) -> bool:
-        return bool(self.object_id and self.object_id.endswith(".dir"))
-
-
-@dataclass(frozen=True)
-class DirEntry:
-    relpath: str
-    object_id: str
-    is_exec: bool = False
-    size: int | None = None
+        return self.files is not None or bool(self.object_id and self.object_id.endswith(".dir"))
 
 
 @dataclass
@@ -159,6 +164,11 @@ def parse_dir_manifest(data: bytes, what: str) -> list[DirEntry]:
         raise MetafileError(f"{what}: manifest is not valid JSON ({_first_line(exc)})") from exc
     if not isinstance(items, list):
         raise MetafileError(f"{what}: manifest is not a JSON list")
+    return _dir_entries(items, what)
+
+
+def _dir_entries(items: list, what: str) -> list[DirEntry]:
+    """Entries of a manifest or of a cloud-versioned output's `files`; `items` is consumed."""
     entries, seen = [], set()
     items.reverse()
     while items:  # popped, so a big manifest's decoded JSON and its entries are not all held at once
@@ -173,7 +183,8 @@ def parse_dir_manifest(data: bytes, what: str) -> list[DirEntry]:
         if relpath in seen:
             raise MetafileError(f"{what}: duplicate relpath {relpath!r} in manifest")
         seen.add(relpath)
-        entries.append(DirEntry(relpath, object_id, item.get("isexec") is True, _size(item.get("size"))))
+        entries.append(DirEntry(relpath, object_id, item.get("isexec") is True, _size(item.get("size")),
+                                _versions(item, f"{what}: {relpath!r}")))
     _check_no_file_is_a_parent(seen, what)
     return entries
 
@@ -314,6 +325,9 @@ def _output(raw, metafile, base, wdir, flags, import_source) -> Output:
     remote = options.get("remote")
     if remote is not None and (isinstance(remote, bool) or not isinstance(remote, (str, int, float))):
         raise MetafileError(f"bad remote {_short(remote)}")
+    files = raw.get("files")
+    if files is not None and not isinstance(files, list):
+        raise MetafileError(f"'files' is not a list: {_short(files)}")
     return Output(
         path=path,
         object_id=object_id,
@@ -324,4 +338,30 @@ def _output(raw, metafile, base, wdir, flags, import_source) -> Output:
         cache=options.get("cache", True) is not False,
         remote=str(remote).lower() if remote else None,
         import_source=import_source,
+        versions=_versions(raw, "output"),
+        files=None if files is None else tuple(_dir_entries(list(files), f"{metafile}: {declared!r} files")),
     )
+
+
+def _versions(item: dict, what: str) -> tuple[tuple[str | None, str], ...]:
+    """The version ids of a cloud-versioned file: `cloud: {REMOTE: {version_id, etag}}`, or
+    `version_id` on the entry itself (DVC before 2.43)."""
+    cloud = item.get("cloud")
+    if cloud is None:
+        flat = item.get("version_id")
+        return () if flat is None else ((None, _version_id(flat, what)),)
+    if not isinstance(cloud, dict):
+        raise MetafileError(f"{what}: 'cloud' is not a mapping: {_short(cloud)}")
+    versions = []
+    for remote, meta in cloud.items():
+        version = meta.get("version_id") if isinstance(meta, dict) else None
+        if version is not None:
+            versions.append((str(remote).lower(), _version_id(version, what)))
+    return tuple(versions)
+
+
+def _version_id(value, what: str) -> str:
+    # S3 and Azure version ids are strings; GCS generations are numbers, which YAML may read as ints.
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value) or len(str(value)) > 1024:
+        raise MetafileError(f"{what}: bad version_id {_short(value)}")
+    return str(value)

@@ -17,7 +17,7 @@ from cachetools import LRUCache
 from regfs.cache import ObjectCache, ObjectRef
 from regfs.dvcmeta import DirEntry, parse_dir_manifest
 from regfs.errors import CacheError, IntegrityError, RemoteError
-from regfs.remotes import Remote
+from regfs.remotes import Location, Remote
 from regfs.stats import Stats
 
 logger = logging.getLogger(__name__)
@@ -102,13 +102,20 @@ class ObjectStore:
         self._open_remote = open_remote
         self._remote: Remote | None = None
         self._lock = threading.Lock()
+        self._locations: dict[str, Location] = {}  # objects of a cloud-versioned remote, by relpath
         self.label = label
 
     def remote(self) -> Remote:
         with self._lock:
             if self._remote is None:
                 self._remote = self._open_remote()
+                self._remote.add_locations(self._locations)
             return self._remote
+
+    def locate(self, ref: ObjectRef, location: Location) -> None:
+        """Where a cloud-versioned remote keeps this object (told as trees are built, before the
+        remote is opened: the remote reads this mapping as it grows)."""
+        self._locations[ref.relpath] = location
 
     def path(self, ref: ObjectRef) -> str:
         """A local path with the object's verified bytes, downloading them if needed."""
@@ -125,8 +132,7 @@ class ObjectStore:
 
     def url(self, ref: ObjectRef) -> str:
         """Where the object lives on its remote (a path for a local remote)."""
-        remote = self.remote()
-        return remote.url.rstrip("/") + "/" + ref.relpath
+        return self.remote().object_url(ref.relpath)
 
     def path_of_empty(self, ref: ObjectRef) -> str:
         return self._fetcher.cache.find(ref) or self._fetcher.install_empty(ref)

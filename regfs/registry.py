@@ -37,7 +37,7 @@ from regfs.errors import (
 from regfs.fetch import Fetcher, ObjectStore
 from regfs.files import OpenFiles
 from regfs.git import Mirror
-from regfs.remotes import Remote, open_remote
+from regfs.remotes import Location, Remote, open_remote
 from regfs.tree import (
     DirNode,
     ImportedFileNode,
@@ -223,13 +223,20 @@ class Registry:
     def _output_node(self, output: Output, config: Config, config_key: tuple) -> Node | None:
         if output.import_source is not None:
             return self._import_node(output)
-        if output.object_id is None:
+        if output.object_id is None and output.files is None:
             logger.warning("skipping output %s (%s): it has no md5, so there is nothing to pull",
                            output.path, output.metafile)
             return None
         store = self.store(config, config_key, output.remote)
+        versioned = _versioned_remote(config, output.remote)
+        if output.files is not None:  # cloud versioning: the entries are in the metafile, no `.dir` object
+            entries = output.files
+            return LazyDirNode(lambda: manifest_children(
+                entries, lambda entry: _file_node(output, entry, store, versioned)), output.path)
         ref = ObjectRef(output.object_id, output.hash_name)
         if not output.is_dir:
+            if versioned is not None:
+                store.locate(ref, Location(output.path, _version(output.versions, versioned)))
             return ObjectNode(ref, store, output.size, output.is_exec)
         return OutputDirNode(lambda: self._dir_children(ref, store, output.path), output.path, ref, store)
 
@@ -349,6 +356,34 @@ def _repo_root(dvc_dir: str) -> str:
     """"" or "sub/" for the `.dvc` directory `dvc_dir` of a repository."""
     parent = posixpath.dirname(dvc_dir)
     return parent + "/" if parent else ""
+
+
+def _versioned_remote(config: Config, name: str | None) -> str | None:
+    """The name of the remote of an output if it is cloud-versioned (`version_aware` or
+    `worktree`): its objects are then at their path in the registry, not content-addressed."""
+    try:
+        spec = config.remote(name)
+    except ConfigError:
+        return None  # reading fails later, with this error
+    return spec.name if spec.is_versioned else None
+
+
+def _version(versions: tuple[tuple[str | None, str], ...], remote: str) -> str | None:
+    """The version recorded for `remote`, else the one of the older flat form, else the first
+    (as DVC takes it); None: read the current version (a worktree remote without versioning)."""
+    by_remote = dict(versions)
+    if remote in by_remote:
+        return by_remote[remote]
+    return by_remote.get(None, versions[0][1] if versions else None)
+
+
+def _file_node(output: Output, entry: DirEntry, store: ObjectStore, versioned: str | None) -> Node:
+    """A file of a cloud-versioned directory output; content-addressed if its remote is not versioned."""
+    ref = ObjectRef(entry.object_id, output.hash_name)
+    if versioned is not None:
+        location = Location(posixpath.join(output.path, entry.relpath), _version(entry.versions, versioned))
+        store.locate(ref, location)
+    return ObjectNode(ref, store, entry.size, entry.is_exec)
 
 
 def _children_of(node: Node, path: str) -> dict[str, Node]:

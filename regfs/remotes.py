@@ -1,8 +1,8 @@
 """Remotes: where objects are downloaded from, with bounded retries (requests are in backends.py).
 
 A `Remote` answers three questions about objects by their relative path (`files/md5/ab/cd...`):
-stream its bytes, and its size, one by one or in bulk. Supported: local directories, S3 and
-HTTP(S), configured with DVC's option names. Errors come out as `ObjectMissing` or `RemoteError`
+stream its bytes, and its size, one by one or in bulk. Supported: local directories, S3, HTTP(S),
+SSH/SFTP, Azure Blob and GCS, configured with DVC's option names. Errors come out as `ObjectMissing` or `RemoteError`
 naming the remote and the last reason; credentials never appear in them: `url` and `describe()`
 show the URL without its `user:password@`, and every reason is scrubbed of the remote's secrets.
 
@@ -26,6 +26,12 @@ budget of one object (each a remote option, `--remote-config NAME.read_timeout=5
 
 `retries` and `retry_timeout` are regfs's own options (DVC has no such keys). Sizes (HEAD and
 listing requests) get the same budget per request.
+
+Cloud versioning. A `version_aware` or `worktree` remote keeps no content-addressed objects but
+each output's files at their path in the registry, in versions. The stores that use a remote tell
+it where such objects are (`add_locations`: relative path -> `Location`), and requests for them
+go to that path and version; everything else about them, their names in the cache included, is
+as for any object.
 """
 
 import functools
@@ -34,7 +40,7 @@ import posixpath
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
@@ -47,7 +53,13 @@ from regfs.errors import ConfigError, ObjectMissing, RemoteError
 logger = logging.getLogger(__name__)
 
 _LIST_THRESHOLD = 8  # objects wanted below one prefix dir before a listing beats HEAD requests
-_SECRET_OPTIONS = ("password", "secret_access_key", "session_token")
+@dataclass(frozen=True)
+class Location:
+    """Where a cloud-versioned remote keeps an object: its path below the remote's URL (the
+    output's path in the registry) and the version to read (None: the current one)."""
+
+    path: str
+    version_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,14 +102,38 @@ class Remote:
         self._backend = backend
         self._root = root.rstrip("/")
         self._policy = policy
-        values = [spec.options.get(name) for name in _SECRET_OPTIONS] + backends.url_credentials(spec.url)
+        values = backends.option_secrets(spec.options) + backends.url_credentials(spec.url)
         self._secrets = sorted({str(value) for value in values if value}, key=len, reverse=True)
+        self._located: list[Mapping[str, Location]] = []
 
     def describe(self) -> str:
         return f"remote '{self.name}' ({self.url})"
 
-    def _path(self, relpath: str) -> str:
-        return posixpath.join(self._root, relpath)
+    def add_locations(self, locations: Mapping[str, Location]) -> None:
+        """Read the objects named in `locations` (which may still grow) where they are."""
+        self._located.append(locations)
+
+    def _location(self, relpath: str) -> Location | None:
+        for locations in self._located:
+            location = locations.get(relpath)
+            if location is not None:
+                return location
+        return None
+
+    def _path(self, relpath: str) -> str | backends.Version:
+        location = self._location(relpath)
+        if location is None:
+            return posixpath.join(self._root, relpath)
+        path = posixpath.join(self._root, location.path)
+        return backends.Version(path, location.version_id) if location.version_id else path
+
+    def object_url(self, relpath: str) -> str:
+        """Where the object lives on the remote, as a URL (a path for a local remote)."""
+        location = self._location(relpath)
+        if location is None:
+            return self.url.rstrip("/") + "/" + relpath
+        version = f"?version_id={location.version_id}" if location.version_id else ""
+        return self.url.rstrip("/") + "/" + location.path + version
 
     def stream(self, relpath: str) -> Iterator[bytes]:
         """The object's bytes in chunks; raises ObjectMissing or RemoteError."""
@@ -153,10 +189,10 @@ class Remote:
     def sizes(self, relpaths: list[str]) -> dict[str, int]:
         """Sizes of the objects that exist; missing ones are left out."""
         by_dir: dict[str, list[str]] = {}
-        for relpath in relpaths:
-            by_dir.setdefault(posixpath.dirname(relpath), []).append(relpath)
+        for relpath in relpaths:  # objects of a cloud-versioned remote are asked one by one (None)
+            by_dir.setdefault(None if self._location(relpath) else posixpath.dirname(relpath), []).append(relpath)
         lists = self._backend.can_list
-        listed = {d for d, paths in by_dir.items() if lists and len(paths) >= _LIST_THRESHOLD}
+        listed = {d for d, paths in by_dir.items() if d is not None and lists and len(paths) >= _LIST_THRESHOLD}
         single = [p for d, paths in by_dir.items() if d not in listed for p in paths]
         found: dict[str, int] = {}
         pool = ThreadPoolExecutor(max_workers=8)

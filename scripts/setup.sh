@@ -6,8 +6,13 @@
 #   always   Debian packages fuse3 (fusermount3, libfuse3), git, python3-venv when missing
 #            (apt-get, through sudo when not root); checks that /dev/fuse is usable;
 #            .venv at the repo root with `pip install -c constraints.txt -e .`
-#   --test   the test extra (pytest, dvc[s3], moto[server]) into .venv, and .venv-dvc2 with the
-#            legacy DVC 2 the test suite uses to build fixtures (pinned by constraints-dvc2.txt)
+#   --test   the test extra (pytest, dvc with its s3/ssh/azure/gs plugins, moto[server],
+#            gcp-storage-emulator) into .venv, and .venv-dvc2 with the legacy DVC 2 the test suite
+#            uses to build fixtures (pinned by constraints-dvc2.txt); the test servers: Debian's
+#            openssh-server (for its sshd; where systemd runs, Debian also enables its service on
+#            port 22: `systemctl disable --now ssh` if unwanted) and Azurite from npm into
+#            tests/node/node_modules (`npm ci`, pinned by tests/node/package-lock.json, in the
+#            background while pip runs; needs node and npm, installed from Debian if missing)
 #   --demo   the demo extra (dvc) into .venv
 #   --bench  what scripts/bench.py needs: everything --test installs, and Debian nginx and curl
 #
@@ -111,6 +116,12 @@ if [ "$want_bench" = 1 ]; then
     command -v curl >/dev/null 2>&1 || apt_install curl
 fi
 
+if [ "$want_test" = 1 ]; then
+    # the SSH remote of the tests: sshd started by a fixture on a loopback port (tests/servers.py)
+    PATH="$PATH:/usr/sbin:/sbin" command -v sshd >/dev/null 2>&1 || apt_install openssh-server
+    command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+fi
+
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
     [ "$PYTHON" = python3 ] || die "PYTHON=$PYTHON not found"
     apt_install python3
@@ -207,6 +218,26 @@ check_constraints() { # FILE
     fi
 }
 
+# --- Azurite (npm), in the background while pip works ------------------------------------------
+# Azurite 3.33.0 is the last release without Application Insights telemetry (its opentelemetry
+# packages triple the install: 365 MB instead of 121 MB).
+npm_pid=
+npm_log=tests/node/npm-ci.log
+npm_stamp=tests/node/node_modules/.regfs-setup
+if [ "$want_test" = 1 ]; then
+    npm_value=$(stamp_value "$(node --version 2>/dev/null)" tests/node/package-lock.json)
+    if [ "${REGFS_SETUP_FORCE:-0}" != 1 ] && [ -f "$npm_stamp" ] && [ "$(cat "$npm_stamp")" = "$npm_value" ] &&
+        [ -x tests/node/node_modules/.bin/azurite-blob ]; then
+        log "tests/node: azurite already installed (package-lock.json unchanged)"
+    else
+        log "tests/node: npm ci (azurite), in the background ..."
+        npm_t0=$SECONDS
+        (cd tests/node && npm ci --no-audit --no-fund --loglevel=error) >"$npm_log" 2>&1 &
+        npm_pid=$!
+        trap '[ -z "$npm_pid" ] || kill "$npm_pid" 2>/dev/null || true' EXIT  # if setup dies before waiting
+    fi
+fi
+
 # .venv: regfs itself, editable, with the extras asked for
 extras=()
 dists=(regfs mfusepy pygit2)
@@ -257,6 +288,15 @@ if [ "$want_test" = 1 ]; then
     fi
     v=$(.venv-dvc2/bin/dvc --version 2>/dev/null) || die ".venv-dvc2/bin/dvc does not run"
     [ "$v" = "$DVC2_VERSION" ] || die ".venv-dvc2/bin/dvc is version $v, expected $DVC2_VERSION"
+fi
+
+if [ -n "$npm_pid" ]; then
+    t0=$SECONDS
+    wait "$npm_pid" || { npm_pid=; cat "$npm_log" >&2; die "npm ci in tests/node failed (see above)"; }
+    npm_pid=
+    printf '%s\n' "$npm_value" >"$npm_stamp"
+    rm -f "$npm_log"
+    log "tests/node: azurite installed in $((SECONDS - npm_t0))s ($((SECONDS - t0))s of it after pip)"
 fi
 
 # --- summary ----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Fixtures of the acceptance suite: tools, the DVC oracle, a moto S3 server, FUSE mounts and the
-basic registry that several modules share.
+"""Fixtures of the acceptance suite: tools, the DVC oracle, a moto S3 server, sshd, Azurite and a
+GCS emulator, FUSE mounts and the basic registry that several modules share.
 
 Registries are built once per session with the real git and dvc CLIs (each dvc call costs about
 a second) and never modified after their fixture returns; a test that needs to change a registry
@@ -21,6 +21,7 @@ import pytest
 
 from tests.mounting import STARTED, CliResult, Mount, run_cli
 from tests.registry import Oracle, Registry, Tools, random_bytes
+from tests.servers import Azurite, GCSServer, SSHServer
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -84,6 +85,36 @@ def s3_server() -> Iterator[S3Server]:
     host, port = server.get_host_and_port()
     try:
         yield S3Server(f"http://{host}:{port}")
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def ssh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
+    """OpenSSH's sshd on 127.0.0.1 and a free port, key authentication (tests/servers.py)."""
+    server = SSHServer(tmp_path_factory.mktemp("sshd")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    """Azurite's blob service on 127.0.0.1 and a free port, in memory (tests/servers.py)."""
+    server = Azurite(tmp_path_factory.mktemp("azurite")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[GCSServer]:
+    """gcp-storage-emulator on 127.0.0.1 and a free port, in memory (tests/servers.py)."""
+    server = GCSServer().start()
+    try:
+        yield server
     finally:
         server.stop()
 

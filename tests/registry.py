@@ -66,7 +66,7 @@ def clean_env(home: Path, site_cache: Path) -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("GIT_", "DVC_", "AWS_", "XDG_"))
+        if not key.startswith(("GIT_", "DVC_", "AWS_", "XDG_", "AZURE_", "GOOGLE_", "GCSFS_"))
     }
     env.update(
         HOME=str(home),
@@ -84,6 +84,10 @@ def clean_env(home: Path, site_cache: Path) -> dict[str, str]:
         AWS_SECRET_ACCESS_KEY="testing",
         AWS_DEFAULT_REGION="us-east-1",
         AWS_EC2_METADATA_DISABLED="true",
+        # gcsfs's JSON API (which the GCS emulator speaks), not its gRPC client; and google-auth
+        # never probes for a GCE metadata server.
+        GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+        NO_GCE_CHECK="true",
         NO_PROXY="127.0.0.1,localhost",
         no_proxy="127.0.0.1,localhost",
         PYTHONUTF8="1",
