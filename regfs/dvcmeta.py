@@ -1,16 +1,14 @@
-"""Pure parsers for DVC metafiles: `.dvc` files, `dvc.yaml` + `dvc.lock`, and `.dir` manifests.
+"""Pure parsers for DVC metafiles: `.dvc` files and `dvc.yaml` + `dvc.lock` (manifests: manifest.py).
 
 Everything here takes text or bytes and returns small frozen dataclasses; no I/O. Metafiles are
 untrusted input: a malformed output is reported in `Parsed.skipped` with its reason and the
-other outputs of the file still parse. Paths that would leave the registry's tree, object ids
-that are not hex digests, and manifest entries that would leave their directory are rejected here,
-so no later layer ever builds a filesystem path from them. Whatever the input, a parser returns or
+other outputs of the file still parse. Paths that would leave the registry's tree and object ids
+that are not hex digests are rejected here, so no later layer ever builds a filesystem path from them. Whatever the input, a parser returns or
 raises `MetafileError`, and what it returns holds plain, bounded values: a YAML alias can make a
 few bytes stand for millions of items, so rejected values are only ever shown shortened.
 """
 
 import datetime
-import json
 import posixpath
 import re
 import reprlib
@@ -63,14 +61,6 @@ class Output:
     @property
     def is_dir(self) -> bool:
         return bool(self.object_id and self.object_id.endswith(".dir"))
-
-
-@dataclass(frozen=True)
-class DirEntry:
-    relpath: str
-    object_id: str
-    is_exec: bool = False
-    size: int | None = None
 
 
 @dataclass
@@ -137,33 +127,6 @@ def parse_pipeline(yaml_text: str | bytes | None, lock_text: str | bytes, lockfi
     return parsed
 
 
-def parse_dir_manifest(data: bytes, what: str) -> list[DirEntry]:
-    """Entries of a `.dir` object; raises MetafileError if any entry is malformed or escapes."""
-    try:
-        items = json.loads(data)
-    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the stack
-        raise MetafileError(f"{what}: manifest is not valid JSON ({_first_line(exc)})") from exc
-    if not isinstance(items, list):
-        raise MetafileError(f"{what}: manifest is not a JSON list")
-    entries, seen = [], set()
-    items.reverse()
-    while items:  # popped, so a big manifest's decoded JSON and its entries are not all held at once
-        item = items.pop()
-        if not isinstance(item, dict):
-            raise MetafileError(f"{what}: manifest entry is not an object: {_short(item)}")
-        relpath, object_id = item.get("relpath"), item.get("md5")
-        if not isinstance(relpath, str) or not is_safe_relpath(relpath):
-            raise MetafileError(f"{what}: unsafe relpath {_short(relpath)} in manifest")
-        if not isinstance(object_id, str) or not _MD5.fullmatch(object_id):
-            raise MetafileError(f"{what}: bad md5 {_short(object_id)} for {relpath!r}")
-        if relpath in seen:
-            raise MetafileError(f"{what}: duplicate relpath {relpath!r} in manifest")
-        seen.add(relpath)
-        entries.append(DirEntry(relpath, object_id, item.get("isexec") is True, _size(item.get("size"))))
-    _check_no_file_is_a_parent(seen, what)
-    return entries
-
-
 def is_safe_relpath(relpath: str) -> bool:
     """A relative POSIX path with no empty, `.` or `..` component and no NUL, that can be a file
     name (no lone surrogate, which a JSON or YAML `\\ud800` escape can produce)."""
@@ -181,18 +144,6 @@ def _is_file_name(path: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
-
-
-def _check_no_file_is_a_parent(files: set[str], what: str) -> None:
-    directories: set[str] = set()
-    for relpath in files:
-        end = relpath.rfind("/")
-        while end > 0 and relpath[:end] not in directories:  # an ancestor seen before: so were its own
-            directories.add(relpath[:end])
-            end = relpath.rfind("/", 0, end)
-    both = files & directories
-    if both:
-        raise MetafileError(f"{what}: {min(both)!r} is both a file and a directory in manifest")
 
 
 def _load_yaml(text: str | bytes, what: str):
