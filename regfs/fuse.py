@@ -6,9 +6,10 @@ errno.
 Listings: readdir resumes at the kernel's offset and, when the kernel asks for READDIRPLUS, hands it
 the attributes of each entry the view knows them for, so `ls -l` of a directory output costs a few
 readdir requests instead of a lookup per entry (mfusepy 3.1 gives libfuse every name at once with
-offset 0, which makes libfuse drop attributes). Extended attributes exist in `user.` only: others
-(SELinux labels, POSIX ACLs, which `ls -l` asks for on every entry) are ENOTSUP, which tells `ls` the
-filesystem has none, so it stops asking.
+offset 0, which makes libfuse drop attributes). libfuse 3.14 counts a lookup for the entry that no
+longer fits in a reply, so one node per reply (a few hundred bytes) stays until unmount. Extended
+attributes exist in `user.` only: others (SELinux labels, POSIX ACLs, which `ls -l` asks for on every
+entry) are ENOTSUP, which tells `ls` the filesystem has none, so it stops asking.
 
 Kernel caching: everything below `@<sha>` is immutable, so the kernel keeps entries, attributes and
 negative lookups for a month (`KERNEL_CACHE_SECONDS`) and pages for good: `open` answers ENOSYS,
