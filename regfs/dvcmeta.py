@@ -1,16 +1,14 @@
-"""Pure parsers for DVC metafiles: `.dvc` files, `dvc.yaml` + `dvc.lock`, and `.dir` manifests.
+"""Pure parsers for DVC metafiles: `.dvc` files and `dvc.yaml` + `dvc.lock` (manifests: manifest.py).
 
 Everything here takes text or bytes and returns small frozen dataclasses; no I/O. Metafiles are
 untrusted input: a malformed output is reported in `Parsed.skipped` with its reason and the
-other outputs of the file still parse. Paths that would leave the registry's tree, object ids
-that are not hex digests, and manifest entries that would leave their directory are rejected here,
-so no later layer ever builds a filesystem path from them. Whatever the input, a parser returns or
+other outputs of the file still parse. Paths that would leave the registry's tree and object ids
+that are not hex digests are rejected here, so no later layer ever builds a filesystem path from them. Whatever the input, a parser returns or
 raises `MetafileError`, and what it returns holds plain, bounded values: a YAML alias can make a
 few bytes stand for millions of items, so rejected values are only ever shown shortened.
 """
 
 import datetime
-import json
 import posixpath
 import re
 import reprlib
@@ -50,7 +48,10 @@ class ImportSource:
 
 
 @dataclass(frozen=True)
-class DirEntry:
+class CloudEntry:
+    """A file of a cloud-versioned directory output, listed in its metafile (`files:`), not in a
+    `.dir` object (those are manifest.py's)."""
+
     relpath: str
     object_id: str
     is_exec: bool = False
@@ -72,7 +73,7 @@ class Output:
     # Cloud versioning (../shared/dvc-format.md section 8): the version ids of a file output, per
     # remote (None: the older flat form names none), and the entries of a directory output.
     versions: tuple[tuple[str | None, str], ...] = ()
-    files: tuple[DirEntry, ...] | None = None
+    files: tuple[CloudEntry, ...] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -156,22 +157,11 @@ def _no_file(_path: str) -> None:
     return None
 
 
-def parse_dir_manifest(data: bytes, what: str) -> list[DirEntry]:
-    """Entries of a `.dir` object; raises MetafileError if any entry is malformed or escapes."""
-    try:
-        items = json.loads(data)
-    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the stack
-        raise MetafileError(f"{what}: manifest is not valid JSON ({_first_line(exc)})") from exc
-    if not isinstance(items, list):
-        raise MetafileError(f"{what}: manifest is not a JSON list")
-    return _dir_entries(items, what)
-
-
-def _dir_entries(items: list, what: str) -> list[DirEntry]:
-    """Entries of a manifest or of a cloud-versioned output's `files`; `items` is consumed."""
+def _dir_entries(items: list, what: str) -> list[CloudEntry]:
+    """Entries of a cloud-versioned output's `files`; `items` is consumed."""
     entries, seen = [], set()
     items.reverse()
-    while items:  # popped, so a big manifest's decoded JSON and its entries are not all held at once
+    while items:  # popped, so the decoded list and its entries are not all held at once
         item = items.pop()
         if not isinstance(item, dict):
             raise MetafileError(f"{what}: manifest entry is not an object: {_short(item)}")
@@ -183,7 +173,7 @@ def _dir_entries(items: list, what: str) -> list[DirEntry]:
         if relpath in seen:
             raise MetafileError(f"{what}: duplicate relpath {relpath!r} in manifest")
         seen.add(relpath)
-        entries.append(DirEntry(relpath, object_id, item.get("isexec") is True, _size(item.get("size")),
+        entries.append(CloudEntry(relpath, object_id, item.get("isexec") is True, _size(item.get("size")),
                                 _versions(item, f"{what}: {relpath!r}")))
     _check_no_file_is_a_parent(seen, what)
     return entries

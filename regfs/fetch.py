@@ -15,12 +15,14 @@ from collections.abc import Callable
 from cachetools import LRUCache
 
 from regfs.cache import ObjectCache, ObjectRef
-from regfs.dvcmeta import DirEntry, parse_dir_manifest
 from regfs.errors import CacheError, IntegrityError, RemoteError
+from regfs.manifest import Manifest, parse_manifest
 from regfs.remotes import Location, Remote
 from regfs.stats import Stats
 
 logger = logging.getLogger(__name__)
+
+MANIFEST_MEMO_BYTES = 128 << 20
 
 
 class Fetcher:
@@ -29,7 +31,8 @@ class Fetcher:
     def __init__(self, cache: ObjectCache, stats: Stats | None = None):
         self.cache = cache
         self.stats = stats or Stats()
-        self._manifests: LRUCache = LRUCache(maxsize=256)
+        # Parsed manifests by object, up to MANIFEST_MEMO_BYTES of them (a 1M-entry one takes about 50 MB).
+        self._manifests: LRUCache = LRUCache(maxsize=MANIFEST_MEMO_BYTES, getsizeof=lambda manifest: manifest.nbytes)
         self._manifest_lock = threading.Lock()
 
     def fetch(self, ref: ObjectRef, remote: Remote) -> str:
@@ -67,16 +70,17 @@ class Fetcher:
         """Cache an object known to be empty without asking its remote; still verified by hash."""
         return self.cache.install(ref, lambda writer: None)
 
-    def manifest(self, ref: ObjectRef, remote_of: Callable[[], Remote]) -> list[DirEntry]:
+    def manifest(self, ref: ObjectRef, remote_of: Callable[[], Remote]) -> Manifest:
         with self._manifest_lock:
-            entries = self._manifests.get(ref)
-        if entries is None:
+            manifest = self._manifests.get(ref)
+        if manifest is None:
             fd = self.cache.open(ref, lambda: self.cache.find(ref) or self.fetch(ref, remote_of()))
             with os.fdopen(fd, "rb") as file:
-                entries = parse_dir_manifest(file.read(), f"manifest {ref.object_id}")
+                manifest = parse_manifest(file, f"manifest {ref.object_id}")
             with self._manifest_lock:
-                self._manifests[ref] = entries
-        return entries
+                if manifest.nbytes <= MANIFEST_MEMO_BYTES:
+                    self._manifests[ref] = manifest
+        return manifest
 
     def sizes(self, refs: list[ObjectRef], remote_of: Callable[[], Remote]) -> dict[ObjectRef, int]:
         """Sizes known to the index, the cache or the remote; missing objects are left out."""
@@ -137,7 +141,7 @@ class ObjectStore:
     def path_of_empty(self, ref: ObjectRef) -> str:
         return self._fetcher.cache.find(ref) or self._fetcher.install_empty(ref)
 
-    def manifest(self, ref: ObjectRef) -> list[DirEntry]:
+    def manifest(self, ref: ObjectRef) -> Manifest:
         return self._fetcher.manifest(ref, self.remote)
 
     def sizes(self, refs: list[ObjectRef]) -> dict[ObjectRef, int]:

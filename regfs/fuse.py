@@ -3,6 +3,14 @@
 No logic lives here: each callback asks the view and maps the answer to a stat dict, bytes or an
 errno.
 
+Listings: readdir resumes at the kernel's offset and, when the kernel asks for READDIRPLUS, hands it
+the attributes of each entry the view knows them for, so `ls -l` of a directory output costs a few
+readdir requests instead of a lookup per entry (mfusepy 3.1 gives libfuse every name at once with
+offset 0, which makes libfuse drop attributes). libfuse 3.14 counts a lookup for the entry that no
+longer fits in a reply, so one node per reply (a few hundred bytes) stays until unmount. Extended
+attributes exist in `user.` only: others (SELinux labels, POSIX ACLs, which `ls -l` asks for on every
+entry) are ENOTSUP, which tells `ls` the filesystem has none, so it stops asking.
+
 Kernel caching: everything below `@<sha>` is immutable, so the kernel keeps entries, attributes and
 negative lookups for a month (`KERNEL_CACHE_SECONDS`) and pages for good: `open` answers ENOSYS,
 which the kernel takes as "opens need no daemon" (FUSE_NO_OPEN_SUPPORT): it stops sending OPEN and
@@ -42,6 +50,8 @@ XATTR_PREFIX = "user.regfs."
 FETCH_XATTR = XATTR_PREFIX + "fetch"
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 KERNEL_CACHE_SECONDS = 30 * 86400.0
+_READDIR_PLUS, _FILL_DIR_PLUS = 1, 2  # fuse.h: FUSE_READDIR_PLUS (asked), FUSE_FILL_DIR_PLUS (given)
+_TYPE_BITS = {"dir": stat.S_IFDIR, "link": stat.S_IFLNK, "file": stat.S_IFREG}
 MAX_BACKGROUND = 64
 # A FUSE mount gets the kernel's default 128 KiB of readahead, and the kernel takes the lower of
 # its backing device's knob (/sys/class/bdi/MAJOR:MINOR/read_ahead_kb, root only; the daemon writes
@@ -108,8 +118,16 @@ class Operations(mfusepy.Operations):
         return self._stat(self._view.attr(path))
 
     @_translated
-    def readdir(self, path: str, fh: int) -> list[str]:
-        return [".", "..", *self._view.listdir(path)]
+    def readdir(self, path: str, offset: int, buf, filler, plus: bool) -> None:
+        """The entries from `offset` on: ".", "..", then the view's; an entry's offset is the next's."""
+        add = _Entries(buf, filler, plus, self._stat)
+        for position, name in ((1, "."), (2, "..")):
+            if offset < position and add(name, "dir", None, position):
+                return
+        start = max(offset, 2)
+        for position, (name, kind, attr) in enumerate(self._view.entries(path, start - 2), start + 1):
+            if add(name, kind, attr, position):
+                return
 
     @_translated
     def readlink(self, path: str) -> str:
@@ -133,6 +151,8 @@ class Operations(mfusepy.Operations):
 
     @_translated
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        if not name.startswith("user."):  # see the module docstring
+            raise mfusepy.FuseOSError(errno.ENOTSUP)
         if name == FETCH_XATTR:  # asked for by name only (`regfs prefetch`): listxattr never shows it
             return json.dumps(self._view.fetch(path), separators=(",", ":")).encode()
         value = self._xattrs(path).get(name.removeprefix(XATTR_PREFIX)) if name.startswith(XATTR_PREFIX) \
@@ -169,7 +189,52 @@ class Operations(mfusepy.Operations):
         mtime_ns = attr.mtime * 1_000_000_000
         return {"st_mode": mode, "st_nlink": nlink, "st_size": attr.size, "st_uid": self._uid,
                 "st_gid": self._gid, "st_mtime": mtime_ns, "st_ctime": mtime_ns, "st_atime": mtime_ns,
-                "st_blocks": (attr.size + 511) // 512}
+                "st_blocks": _blocks(attr.size)}
+
+
+def _blocks(size: int) -> int:
+    return (size + 511) // 512
+
+
+class _Entries:
+    """One readdir reply being filled through libfuse's filler; `add` says when it is full.
+
+    Attributes go to the kernel only when it asked for them (READDIRPLUS); otherwise, or for an
+    entry without attributes, only the type (ino 0 then tells the kernel to look the name up).
+    The stat structures are reused: one per type, and one per kind and exec bit of the entries
+    that have attributes (the entries of one directory share their mtime), only the size changing.
+    """
+
+    def __init__(self, buf, filler, plus: bool, stat_of: Callable[[Attr], dict]):
+        self._buf, self._filler, self._plus, self._stat_of = buf, filler, plus, stat_of
+        self._types: dict[str, mfusepy.c_stat] = {}
+        self._shapes: dict[tuple[str, bool], mfusepy.c_stat] = {}
+
+    def __call__(self, name: str, kind: str, attr: Attr | None, offset: int) -> bool:
+        if self._plus and attr is not None:
+            status = self._shapes.get((kind, attr.is_exec))
+            if status is None:
+                status = self._shapes[kind, attr.is_exec] = mfusepy.c_stat()
+                mfusepy.set_st_attrs(status, self._stat_of(attr), use_ns=True)
+            status.st_size = size = attr.size
+            status.st_blocks = _blocks(size)
+            flags = _FILL_DIR_PLUS
+        else:
+            status = self._types.get(kind)
+            if status is None:
+                status = self._types[kind] = mfusepy.c_stat(st_mode=_TYPE_BITS[kind])
+            flags = 0
+        return self._filler(self._buf, name.encode("utf-8", "surrogateescape"), status, offset, flags) != 0
+
+
+class _Fuse(mfusepy.FUSE):
+    """mfusepy's FUSE with a readdir that works by offset and can give attributes (see the module
+    docstring): libfuse calls it once per kernel request, with the offset to resume at."""
+
+    def readdir_fuse_3(self, path: bytes | None, buf, filler, offset: int, fip, flags: int) -> int:
+        decoded = None if path is None else path.decode(self.encoding, self.errors)
+        self.operations.readdir(decoded, offset, buf, filler, bool(flags & _READDIR_PLUS))
+        return 0
 
 
 class _KernelCache:
@@ -226,6 +291,5 @@ def mount(view: MountView, mountpoint: str, fsname: str, on_ready: Callable[[], 
     for every user (mount.fuse3(8)), so sharing a mount never grants more than reading.
     """
     safe_name = "".join(char if char.isalnum() or char in "/:._-@" else "_" for char in fsname)
-    mfusepy.FUSE(Operations(view, on_ready), mountpoint, foreground=True, nothreads=False, debug=debug,
-                 ro=True, default_permissions=True, allow_other=allow_other, fsname=safe_name,
-                 subtype="regfs")
+    _Fuse(Operations(view, on_ready), mountpoint, foreground=True, nothreads=False, debug=debug, ro=True,
+          default_permissions=True, allow_other=allow_other, fsname=safe_name, subtype="regfs")

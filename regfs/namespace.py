@@ -6,15 +6,16 @@
 
 Only the ref symlinks change (on `refresh`); everything below `@<sha>` is immutable. The view
 answers in core terms (`Attr`, names, `FileReader`) and raises `RegfsError`s; the FUSE adapter
-translates.
+translates. `entries` lists a directory with the attributes of its entries where they are known
+without I/O and cannot change (below a commit), so that a listing costs no request per entry.
 """
 
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from regfs.errors import IsADirectory, NotADirectory, PathNotFound, RegfsError
 from regfs.files import OpenFiles
@@ -27,8 +28,7 @@ logger = logging.getLogger(__name__)
 _MAX_REMEMBERED_MISSES = 10_000  # more misses between two refreshes are not remembered (nor dropped)
 
 
-@dataclass(frozen=True)
-class Attr:
+class Attr(NamedTuple):
     kind: str  # "file", "dir", "link"
     size: int
     is_exec: bool
@@ -168,6 +168,18 @@ class MountView:
         if not isinstance(node, DirNode):
             raise NotADirectory(f"not a directory: {path}")
         return sorted(node.children())
+
+    def entries(self, path: str, start: int = 0) -> Iterator[tuple[str, str, Attr | None]]:
+        """The entries of the directory at `path` from the `start`th on, in an order that never
+        changes: name, kind, and attributes where they are known without I/O and below a commit
+        (immutable). None leaves them to a lookup: the ref symlinks (they change), sizes not known
+        yet (a lookup asks the remote), and empty files (a lookup caches them, see `attr`)."""
+        node, mtime, commit_sha = self.locate(path)
+        if not isinstance(node, DirNode):
+            raise NotADirectory(f"not a directory: {path}")
+        for name, kind, size, is_exec in node.listing(start):
+            known = commit_sha is not None and size is not None and (size > 0 or kind != "file")
+            yield name, kind, Attr(kind, size, is_exec, mtime) if known else None
 
     def readlink(self, path: str) -> str:
         node, _ = self.resolve(path)

@@ -16,6 +16,7 @@ import posixpath
 import stat
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cachetools import LRUCache
@@ -24,7 +25,7 @@ from regfs.address import is_local_url, local_path, public_url
 from regfs.cache import ObjectCache, ObjectRef
 from regfs.dvcconfig import Config, RemoteSpec, absolutize, config_from_mapping, parse_config, user_levels
 from regfs.dvcignore import DvcIgnore
-from regfs.dvcmeta import DirEntry, ImportSource, Output
+from regfs.dvcmeta import CloudEntry, ImportSource, Output
 from regfs.errors import (
     ConfigError,
     IntegrityError,
@@ -42,12 +43,13 @@ from regfs.tree import (
     DirNode,
     ImportedFileNode,
     LazyDirNode,
+    ManifestDirectory,
     Node,
     ObjectNode,
     OutputDirNode,
     TreeBuilder,
+    entry_children,
     lookup_optional,
-    manifest_children,
 )
 
 logger = logging.getLogger(__name__)
@@ -231,7 +233,7 @@ class Registry:
         versioned = _versioned_remote(config, output.remote)
         if output.files is not None:  # cloud versioning: the entries are in the metafile, no `.dir` object
             entries = output.files
-            return LazyDirNode(lambda: manifest_children(
+            return LazyDirNode(lambda: entry_children(
                 entries, lambda entry: _file_node(output, entry, store, versioned)), output.path)
         ref = ObjectRef(output.object_id, output.hash_name)
         if not output.is_dir:
@@ -240,29 +242,30 @@ class Registry:
             return ObjectNode(ref, store, output.size, output.is_exec)
         return OutputDirNode(lambda: self._dir_children(ref, store, output.path), output.path, ref, store)
 
-    def _dir_children(self, ref: ObjectRef, store: ObjectStore, path: str) -> dict[str, Node]:
+    def _dir_children(self, ref: ObjectRef, store: ObjectStore, path: str) -> Mapping[str, Node]:
         try:
-            entries = store.manifest(ref)
+            manifest = store.manifest(ref)
         except MetafileError as exc:
             logger.error("skipping output %s of %s: %s", path, self.public_url, exc)
             exc.reported = True
             raise
-        refs = {entry.relpath: ObjectRef(entry.object_id, ref.hash_name) for entry in entries}
-        unknown = [refs[entry.relpath] for entry in entries if entry.size is None]
+
+        def sizes_of(object_ids: list[str]) -> dict[str, int]:
+            refs = [ObjectRef(object_id, ref.hash_name) for object_id in object_ids]
+            return {entry_ref.object_id: size for entry_ref, size in store.sizes(refs).items()}
+
         try:
-            sizes = store.sizes(unknown) if unknown else {}
+            manifest.fill_sizes(sizes_of)
         except (RemoteError, ConfigError) as exc:
             # The remote cannot be asked (offline, say): each entry learns its size when stat'ed,
             # from the cache if it is there; only the others fail then, not the whole directory.
             logger.warning("sizes of the entries of %s in %s are not known yet: %s", path, self.public_url, exc)
-            sizes = {}
 
-        def file_node(entry: DirEntry) -> Node:
-            entry_ref = refs[entry.relpath]
-            size = entry.size if entry.size is not None else sizes.get(entry_ref)
-            return ObjectNode(entry_ref, store, size, entry.is_exec)
+        def file_node(index: int) -> Node:
+            return ObjectNode(ObjectRef(manifest.object_id(index), ref.hash_name), store, manifest.size(index),
+                              manifest.is_exec(index))
 
-        return manifest_children(entries, file_node)
+        return ManifestDirectory(manifest.root(), file_node)
 
     def _import_node(self, output: Output) -> Node | None:
         source = output.import_source
@@ -377,7 +380,7 @@ def _version(versions: tuple[tuple[str | None, str], ...], remote: str) -> str |
     return by_remote.get(None, versions[0][1] if versions else None)
 
 
-def _file_node(output: Output, entry: DirEntry, store: ObjectStore, versioned: str | None) -> Node:
+def _file_node(output: Output, entry: CloudEntry, store: ObjectStore, versioned: str | None) -> Node:
     """A file of a cloud-versioned directory output; content-addressed if its remote is not versioned."""
     ref = ObjectRef(entry.object_id, output.hash_name)
     if versioned is not None:
@@ -386,7 +389,7 @@ def _file_node(output: Output, entry: DirEntry, store: ObjectStore, versioned: s
     return ObjectNode(ref, store, entry.size, entry.is_exec)
 
 
-def _children_of(node: Node, path: str) -> dict[str, Node]:
+def _children_of(node: Node, path: str) -> Mapping[str, Node]:
     if not isinstance(node, DirNode):
         raise MetafileError(f"import {path}: its source is not a directory")
     return node.children()

@@ -7,19 +7,25 @@ false` outputs keep their Git bytes), in the registry and in each sub-repository
 its own `.dvc/`), whose metafiles may only name outputs inside it. Directory outputs and
 imports are lazy nodes, expanded from their manifest or their source registry on first use, so
 building a tree reads no object. Nodes are immutable once built, because commits are.
+
+A directory's `children()` is a mapping of names to nodes. Below a directory output it is a view of
+the packed manifest (`ManifestDirectory`) that makes a node for each name looked up, so a million
+entries are never a million nodes. `DirNode.listing` gives a directory's entries in a fixed order
+with what is known of them without I/O (a readdir that hands the kernel attributes).
 """
 
 import logging
 import os
 import posixpath
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from regfs.cache import ObjectRef
 from regfs.dvcignore import DvcIgnore
-from regfs.dvcmeta import DirEntry, Output, Parsed, parse_dvc_file, parse_pipeline
+from regfs.dvcmeta import CloudEntry, Output, Parsed, parse_dvc_file, parse_pipeline
 from regfs.errors import MetafileError, NotADirectory, PathNotFound, RegfsError
 from regfs.git import TreeItem
+from regfs.manifest import Listing, Row
 
 logger = logging.getLogger(__name__)
 
@@ -32,15 +38,36 @@ class Node:
     def size(self) -> int:
         return 0
 
+    @property
+    def known_size(self) -> int | None:
+        """The size if known without asking a remote or another registry."""
+        return self.size
+
 
 class DirNode(Node):
     kind = "dir"
 
-    def __init__(self, children: dict[str, Node] | None = None):
+    def __init__(self, children: Mapping[str, Node] | None = None):
         self._children = {} if children is None else children
+        self._names: list[str] | None = None
 
-    def children(self) -> dict[str, Node]:
+    def children(self) -> Mapping[str, Node]:
         return self._children
+
+    def listing(self, start: int = 0) -> Iterator[Row]:
+        """The entries from the `start`th on, in an order that never changes."""
+        children = self.children()
+        if isinstance(children, ManifestDirectory):
+            return children.rows(start)
+        if self._names is None:  # built once the node is: it never changes after
+            self._names = sorted(children)
+        return _rows(children, self._names, start)
+
+
+def _rows(children: Mapping[str, Node], names: list[str], start: int) -> Iterator[Row]:
+    for position in range(start, len(names)):
+        node = children[names[position]]
+        yield names[position], node.kind, 0 if isinstance(node, DirNode) else node.known_size, node.is_exec
 
 
 class LazyDirNode(DirNode):
@@ -50,7 +77,7 @@ class LazyDirNode(DirNode):
     addressed, so it stays bad) fails the same way forever; other failures are retried.
     """
 
-    def __init__(self, load: Callable[[], dict[str, Node]], what: str):
+    def __init__(self, load: Callable[[], Mapping[str, Node]], what: str):
         super().__init__(None)
         self._children = None
         self._load = load
@@ -58,7 +85,7 @@ class LazyDirNode(DirNode):
         self._lock = threading.Lock()
         self.what = what
 
-    def children(self) -> dict[str, Node]:
+    def children(self) -> Mapping[str, Node]:
         with self._lock:
             if self._error is not None:
                 raise self._error
@@ -74,9 +101,40 @@ class LazyDirNode(DirNode):
 class OutputDirNode(LazyDirNode):
     """A directory output: its entries come from the `.dir` manifest object `ref` in `store`."""
 
-    def __init__(self, load: Callable[[], dict[str, Node]], what: str, ref: ObjectRef, store):
+    def __init__(self, load: Callable[[], Mapping[str, Node]], what: str, ref: ObjectRef, store):
         super().__init__(load, what)
         self.ref, self.store = ref, store
+
+
+class ManifestDirectory(Mapping):
+    """A directory of a directory output: its entries in the packed manifest, as nodes made on
+    lookup (`file_node` makes a file's from its entry index)."""
+
+    def __init__(self, listing: Listing, file_node: Callable[[int], Node]):
+        self._listing, self._file_node = listing, file_node
+
+    def get(self, name: str, default: Node | None = None) -> Node | None:
+        found = self._listing.lookup(name)
+        if found is None:
+            return default
+        if isinstance(found, int):
+            return self._file_node(found)
+        return DirNode(ManifestDirectory(found, self._file_node))
+
+    def __getitem__(self, name: str) -> Node:
+        node = self.get(name)
+        if node is None:
+            raise KeyError(name)
+        return node
+
+    def __iter__(self) -> Iterator[str]:
+        return self._listing.names()
+
+    def __len__(self) -> int:
+        return len(self._listing)
+
+    def rows(self, start: int) -> Iterator[Row]:
+        return self._listing.rows(start)
 
 
 class LinkNode(Node):
@@ -117,7 +175,6 @@ class ObjectNode(Node):
 
     @property
     def known_size(self) -> int | None:
-        """The size if already known, without asking the remote."""
         return self._size
 
     @property
@@ -149,6 +206,23 @@ class ImportedFileNode(Node):
     def size(self) -> int:
         return self._size if self._size is not None else self.target().size
 
+    @property
+    def known_size(self) -> int | None:
+        return self._size
+
+
+def entry_children(entries: Iterable[CloudEntry], file_node: Callable[[CloudEntry], Node]) -> dict[str, Node]:
+    """Nested directory nodes for the files a cloud-versioned output lists in its metafile (already
+    validated; such outputs have no `.dir` object to pack)."""
+    root = DirNode()
+    for entry in entries:
+        *parents, name = entry.relpath.split("/")
+        node = root
+        for part in parents:
+            node = node.children().setdefault(part, DirNode())
+        node.children()[name] = file_node(entry)
+    return root.children()
+
 
 def lookup(root: Node, path: str) -> Node:
     """The node at `path` (POSIX, relative to `root`; "" is the root)."""
@@ -161,18 +235,6 @@ def lookup(root: Node, path: str) -> Node:
             raise PathNotFound(f"no such file or directory: {path}")
         node = child
     return node
-
-
-def manifest_children(entries: list[DirEntry], file_node: Callable[[DirEntry], Node]) -> dict[str, Node]:
-    """Nested directory nodes for the entries of a `.dir` manifest (already validated)."""
-    root = DirNode()
-    for entry in entries:
-        *parents, name = entry.relpath.split("/")
-        node = root
-        for part in parents:
-            node = node.children().setdefault(part, DirNode())
-        node.children()[name] = file_node(entry)
-    return root.children()
 
 
 class TreeBuilder:

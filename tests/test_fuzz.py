@@ -29,16 +29,15 @@ from regfs.dvcconfig import Config, RemoteSpec, parse_config, parse_override
 from regfs.dvcmeta import (
     HASH_LEGACY,
     HASH_MD5,
-    DirEntry,
     Output,
     Parsed,
     is_safe_relpath,
-    parse_dir_manifest,
     parse_dvc_file,
     parse_pipeline,
 )
 from regfs.errors import ConfigError, RegfsError
 from regfs.hashing import CHUNK, StreamHasher, is_text
+from regfs.manifest import DirEntry, parse_manifest
 
 # Modest counts (the suite shares 2 cores with CI); no example database in the work tree.
 FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -420,8 +419,8 @@ def manifest_bytes(draw) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-def assert_sane_manifest(entries) -> None:
-    assert isinstance(entries, list)
+def assert_sane_manifest(manifest) -> None:
+    entries = list(manifest)
     seen = set()
     for entry in entries:
         assert isinstance(entry, DirEntry)
@@ -444,9 +443,9 @@ def assert_sane_manifest(entries) -> None:
 @FUZZ
 @given(data=manifest_bytes())
 def test_manifests_parse_safely_or_raise_metafile_errors(data):
-    entries = parsed_or_error(parse_dir_manifest, data, "manifest")
-    if entries is not None:
-        assert_sane_manifest(entries)
+    manifest = parsed_or_error(parse_manifest, data, "manifest")
+    if manifest is not None:
+        assert_sane_manifest(manifest)
 
 
 @FUZZ
@@ -454,7 +453,7 @@ def test_manifests_parse_safely_or_raise_metafile_errors(data):
 def test_sane_manifests_are_kept_whole(relpaths):
     assume(not any(other.startswith(path + "/") for path in relpaths for other in relpaths))
     data = json.dumps([{"md5": MD5, "relpath": path} for path in sorted(relpaths)]).encode()
-    assert [entry.relpath for entry in parse_dir_manifest(data, "m")] == sorted(relpaths)
+    assert [entry.relpath for entry in parse_manifest(data, "m")] == sorted(relpaths, key=os.fsencode)
 
 
 @FUZZ
@@ -463,20 +462,22 @@ def test_a_duplicate_or_unsafe_relpath_fails_the_whole_manifest(relpath, hostile
     for second in (relpath, hostile_relpath):
         data = json.dumps([{"md5": MD5, "relpath": relpath}, {"md5": MD5, "relpath": second}],
                           ensure_ascii=False).encode("utf-8", "surrogatepass")
-        entries = parsed_or_error(parse_dir_manifest, data, "m")
+        entries = parsed_or_error(parse_manifest, data, "m")
         if second == relpath or not is_safe_relpath(second):
             assert entries is None, f"accepted {second!r}"
 
 
 def test_a_million_entry_manifest_parses():
-    """Big directory outputs exist (ImageNet-sized); parsing one is linear, with no blow-up."""
+    """Big directory outputs exist (ImageNet-sized); parsing one is linear, with no blow-up, and
+    its entries stay packed: tens of bytes each, not the hundreds of a dict per entry."""
     count = 1_000_000
     data = json.dumps([{"md5": f"{number:032x}", "relpath": f"d{number % 1000:03d}/{number:07d}.jpg"}
-                       for number in range(count)]).encode()
-    entries = parse_dir_manifest(data, "big manifest")
-    assert len(entries) == count
-    assert (entries[0].relpath, entries[-1].relpath) == ("d000/0000000.jpg", "d999/0999999.jpg")
-    assert entries[123_456].object_id == f"{123_456:032x}"
+                       for number in sorted(range(count), key=lambda number: (number % 1000, number))]).encode()
+    manifest = parse_manifest(data, "big manifest")
+    assert len(manifest) == count
+    assert (manifest.entry(0).relpath, manifest.entry(count - 1).relpath) == ("d000/0000000.jpg", "d999/0999999.jpg")
+    assert manifest.entry(123_456).object_id == f"{456_123:032x}"  # the 457th entry of d123/
+    assert manifest.nbytes < 64 * count  # its 17 bytes of relpath, 16 of md5, a size, a bound, a bit
 
 
 # -- DVC config --------------------------------------------------------------------------------

@@ -9,11 +9,13 @@ import json
 
 import pytest
 
+from regfs import manifest as manifest_module
 from regfs.address import parse_address
 from regfs.dvcconfig import Config, parse_config, parse_override
-from regfs.dvcmeta import HASH_LEGACY, HASH_MD5, parse_dir_manifest, parse_dvc_file, parse_pipeline
+from regfs.dvcmeta import HASH_LEGACY, HASH_MD5, parse_dvc_file, parse_pipeline
 from regfs.errors import ConfigError, MetafileError
 from regfs.hashing import CHUNK, StreamHasher, is_text
+from regfs.manifest import DirEntry, parse_manifest
 
 
 def test_dvc_file_outputs_are_joined_with_wdir_and_flags():
@@ -119,7 +121,7 @@ def test_lock_schema_1_and_unknown_schemas():
 def test_manifest_entries_and_optional_fields():
     data = json.dumps([{"md5": "d41d8cd98f00b204e9800998ecf8427e", "relpath": "a/b c.txt", "size": 0,
                         "isexec": True}]).encode()
-    (entry,) = parse_dir_manifest(data, "m")
+    (entry,) = parse_manifest(data, "m")
     assert (entry.relpath, entry.is_exec, entry.size) == ("a/b c.txt", True, 0)
 
 
@@ -127,7 +129,7 @@ def test_manifest_entries_and_optional_fields():
 def test_hostile_manifest_relpaths_are_rejected(relpath):
     data = json.dumps([{"md5": "d41d8cd98f00b204e9800998ecf8427e", "relpath": relpath}]).encode()
     with pytest.raises(MetafileError):
-        parse_dir_manifest(data, "m")
+        parse_manifest(data, "m")
 
 
 @pytest.mark.parametrize("data", [b"{", b"{}", b'[{"relpath": "a"}]', b'["a"]',
@@ -135,8 +137,75 @@ def test_hostile_manifest_relpaths_are_rejected(relpath):
                                   b' {"md5": "d41d8cd98f00b204e9800998ecf8427e", "relpath": "a/b"}]')])
 def test_malformed_manifests_are_rejected(data):
     with pytest.raises(MetafileError):
-        parse_dir_manifest(data, "m")
+        parse_manifest(data, "m")
 
+
+
+def manifest_of(relpaths: list[str], **fields) -> bytes:
+    return json.dumps([{"md5": f"{number:032x}", "relpath": relpath, **fields.get(relpath, {})}
+                       for number, relpath in enumerate(relpaths)]).encode()
+
+
+def test_manifest_directories_are_ranges_in_byte_order():
+    """Entries sort by relpath bytes, so a directory's entries are contiguous and come between the
+    names that sort before and after `name/` (`a b/` < `a!` < `a-b/` < `a/` < `a0`)."""
+    relpaths = ["é/ü", "a0", "a/y/z", "a/x", "a-b/x", "a!", "a b/y", "b"]  # not in order: sorted here
+    manifest = parse_manifest(manifest_of(relpaths, **{"a!": {"size": 5, "isexec": True}, "b": {"size": True}}),
+                              "m")
+    assert [entry.relpath for entry in manifest] == sorted(relpaths, key=str.encode)
+    root = manifest.root()
+    rows = list(root.rows())
+    assert rows == [("a b", "dir", 0, False), ("a!", "file", 5, True), ("a-b", "dir", 0, False),
+                    ("a", "dir", 0, False), ("a0", "file", None, False), ("b", "file", None, False),
+                    ("é", "dir", 0, False)]
+    assert all(list(root.rows(start)) == rows[start:] for start in range(len(rows) + 1))
+    assert len(root) == 7 and list(root.names()) == [row[0] for row in rows]
+    directory = root.lookup("a")
+    assert list(directory.rows()) == [("x", "file", None, False), ("y", "dir", 0, False)]
+    assert list(directory.lookup("y").rows()) == [("z", "file", None, False)]
+    index = root.lookup("a!")
+    assert manifest.entry(index) == DirEntry("a!", f"{relpaths.index('a!'):032x}", True, 5)
+    for missing in ["a/x", "", "c", "a!!", "\udcff", "\ud800", "é/ü"]:
+        assert root.lookup(missing) is None, missing
+    assert directory.lookup("x/") is None and directory.lookup("z") is None
+
+
+def test_manifest_sizes_are_filled_in_batches():
+    relpaths = [f"d/{number}" for number in range(7)]
+    manifest = parse_manifest(manifest_of(relpaths, **{"d/1": {"size": 11}}), "m")
+    asked = []
+
+    def sizes_of(object_ids):
+        asked.append(object_ids)
+        return {object_id: int(object_id, 16) * 100 for object_id in object_ids if object_id[-1] != "3"}
+
+    manifest.fill_sizes(sizes_of, batch=3)
+    assert asked == [[f"{number:032x}" for number in (0, 2)], [f"{number:032x}" for number in (3, 4, 5)],
+                     [f"{6:032x}"]]
+    assert [entry.size for entry in manifest] == [0, 11, 200, None, 400, 500, 600]
+
+
+@pytest.mark.parametrize("relpaths", [["a", "b", "a"], ["a", "a"], ["b", "a", "a"], ["a/b", "a"], ["a", "a/b/c"],
+                                      ["a", "a!", "a/b"], ["x/a", "x/a/b", "y"]])
+def test_manifest_duplicates_and_files_that_are_directories_fail(relpaths):
+    with pytest.raises(MetafileError, match="duplicate relpath|both a file and a directory"):
+        parse_manifest(manifest_of(relpaths), "m")
+
+
+def test_manifest_parses_the_same_in_any_chunks(monkeypatch):
+    """The manifest is read a chunk at a time and each chunk parsed up to its last `},`: whatever
+    the cut (inside a string, a nested value, between items), the result is the whole text's."""
+    items = [{"md5": f"{number:032x}", "relpath": f"d{number % 3}/}},{{{number}\"]", "x": [{"y": "},"}]}
+             for number in range(40)]
+    data = json.dumps(items, indent=1).encode()
+    whole = [(entry.relpath, entry.object_id) for entry in parse_manifest(data, "m")]
+    assert len(whole) == 40
+    for chunk in (1, 7, 64):
+        monkeypatch.setattr(manifest_module, "_CHUNK", chunk)
+        assert [(entry.relpath, entry.object_id) for entry in parse_manifest(data, "m")] == whole
+        for broken in (data[:-1] + b",]", data[:-1], data + b"x", b"[" + data[1:].replace(b"{", b"[", 1)):
+            with pytest.raises(MetafileError, match="not valid JSON"):
+                parse_manifest(broken, "m")
 
 def _hash(data: bytes, hash_name: str, step: int = 7919) -> str:
     hasher = StreamHasher(hash_name)
