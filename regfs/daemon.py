@@ -27,6 +27,7 @@ from regfs.dvcconfig import Config, parse_override
 from regfs.errors import RegfsError, UsageError
 from regfs.namespace import MountView
 from regfs.registry import Context, Registry
+from regfs.remotes import MAX_REQUESTS
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class MountOptions:
     allow_other: bool = False
     shared_group: bool = False
     cache_size: int | None = None  # bytes; None: no cap
+    max_requests: int = MAX_REQUESTS  # requests to remotes in flight at once
 
 
 def overrides(remote: str | None, remote_config: list[str]) -> Config:
@@ -127,7 +129,7 @@ def serve(options: MountOptions, ready_fd: int | None = None) -> int:
     try:
         check_mountpoint(options.mountpoint)
         _hold_pid_file(options)
-        context = Context(options.cache_dir, options.shared_group)
+        context = Context(options.cache_dir, options.shared_group, options.max_requests)
         registry = Registry(options.address.url, context,
                             overrides(options.remote, options.remote_config))
         removed = context.cache.remove_stale_downloads()

@@ -4,6 +4,11 @@
 sizes do these objects have", answered from the cache, the size index, then the remote. The remote
 is opened lazily, so a registry whose remote is misconfigured still lists, and fails at read time
 with an error that names the object and the remote.
+
+`Fetcher` runs the downloads (regfs/download.py) of a process: one per object at a time, however
+many threads want it (they wait for the one running; other processes wait on the cache's lock).
+A download that knows the object's size (from the metafile, the size index, or the listing
+before it) makes no HEAD request: an object of one part is exactly one GET.
 """
 
 import logging
@@ -15,6 +20,7 @@ from collections.abc import Callable
 from cachetools import LRUCache
 
 from regfs.cache import ObjectCache, ObjectRef
+from regfs.download import Download
 from regfs.dvcmeta import DirEntry, parse_dir_manifest
 from regfs.errors import CacheError, IntegrityError, RemoteError
 from regfs.remotes import Remote
@@ -24,43 +30,66 @@ logger = logging.getLogger(__name__)
 
 
 class Fetcher:
-    """Shared by every store of a process: the cache and the parsed-manifest memo."""
+    """Shared by every store of a process: the cache, the downloads running, the parsed-manifest memo."""
 
     def __init__(self, cache: ObjectCache, stats: Stats | None = None):
         self.cache = cache
         self.stats = stats or Stats()
         self._manifests: LRUCache = LRUCache(maxsize=256)
         self._manifest_lock = threading.Lock()
+        self._downloads: dict[ObjectRef, Download] = {}
+        self._lock = threading.Lock()
 
-    def fetch(self, ref: ObjectRef, remote: Remote) -> str:
-        downloads = []
-
-        def fill(writer) -> None:
-            downloads.append(time.monotonic())
-            for chunk in remote.stream(ref.relpath):
-                writer.write(chunk)
-            downloads.append(writer.size)
-
+    def fetch(self, ref: ObjectRef, remote: Remote, size: int | None = None) -> str:
+        """The object's cache path, downloaded now (or by whoever is downloading it already)."""
         path = self.cache.find(ref)
         if path is not None:
             return path
+        if size is None:
+            size = self.cache.sizes.get_many([ref]).get(ref)
+        download, started = self._download(ref, size)
+        if not started:
+            return download.wait()
+        return self._run(download, remote)
+
+    def _download(self, ref: ObjectRef, size: int | None) -> tuple[Download, bool]:
+        """The download of `ref` running in this process, or a new one (True: the caller runs it)."""
+        with self._lock:
+            download = self._downloads.get(ref)
+            if download is not None:
+                return download, False
+            download = self._downloads[ref] = Download(ref, size)
+            return download, True
+
+    def _run(self, download: Download, remote: Remote) -> str:
+        """Run a registered download to its end, whatever the end, and tell its waiters."""
+        ref, started, path, error = download.ref, time.monotonic(), None, None
         try:
-            path = self.cache.install(ref, fill)
+            path = self.cache.install(ref, lambda writer: download.fill(writer, remote))
         except IntegrityError as exc:
             self.stats.remote_failed(remote.describe())
-            raise IntegrityError(f"{exc} (downloaded from {remote.describe()}); nothing was cached") from exc
+            error = IntegrityError(f"{exc} (downloaded from {remote.describe()}); nothing was cached")
+            raise error from exc
         except RemoteError as exc:
             self.stats.remote_failed(remote.describe())
-            raise type(exc)(f"cannot fetch object {ref.object_id}: {exc}") from exc
+            error = type(exc)(f"cannot fetch object {ref.object_id}: {exc}")
+            raise error from exc
         except CacheError as exc:
-            raise CacheError(f"{exc} from {remote.describe()}") from exc
-        if downloads:  # not when another thread or process downloaded it while we waited
-            started, size = downloads  # the size as downloaded: the object may be evicted already
+            error = CacheError(f"{exc} from {remote.describe()}")
+            raise error from exc
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._downloads[ref]
+            download.finish(path, error)
+        if download.fetched:  # not when another process downloaded it while we waited
             seconds = time.monotonic() - started
             self.cache.usage.set_origin(ref.relpath, remote.describe())
-            self.stats.fetched(remote.describe(), size, seconds)
-            logger.info("fetched %s (%d bytes) from %s in %.2fs", ref.object_id, size, remote.describe(),
-                        seconds)
+            self.stats.fetched(remote.describe(), download.size, seconds)
+            logger.info("fetched %s (%d bytes) from %s in %.2fs", ref.object_id, download.size,
+                        remote.describe(), seconds)
         return path
 
     def install_empty(self, ref: ObjectRef) -> str:
@@ -110,14 +139,15 @@ class ObjectStore:
                 self._remote = self._open_remote()
             return self._remote
 
-    def path(self, ref: ObjectRef) -> str:
-        """A local path with the object's verified bytes, downloading them if needed."""
+    def path(self, ref: ObjectRef, size: int | None = None) -> str:
+        """A local path with the object's verified bytes, downloading them if needed (`size`, if
+        known, spares asking the remote for it)."""
         cached = self._fetcher.cache.find(ref)
         if cached is not None:
             self._fetcher.stats.add("cache_hits")
             return cached
         self._fetcher.stats.add("cache_misses")
-        return self._fetcher.fetch(ref, self.remote())
+        return self._fetcher.fetch(ref, self.remote(), size)
 
     @property
     def cache(self) -> ObjectCache:

@@ -128,13 +128,13 @@ class OpenFiles:
 
     @staticmethod
     def _open_object(node: ObjectNode) -> _Descriptor:
-        store, ref = node.store, node.ref
+        store, ref, size = node.store, node.ref, node.known_size
         store.cache.hold(ref)  # before the lookup: an eviction after it cannot pick the object
         try:
-            if node.known_size == 0:  # its bytes are known: no remote needed
+            if size == 0:  # its bytes are known: no remote needed
                 fd = os.open(store.path_of_empty(ref), os.O_RDONLY)
             else:
-                fd = store.cache.open(ref, lambda: store.path(ref))
+                fd = store.cache.open(ref, lambda: store.path(ref, size))
         except BaseException:
             store.cache.release(ref)
             raise

@@ -201,7 +201,8 @@ class MountView:
         if not isinstance(node, ObjectNode):
             raise PathNotFound(f"not a regular file: {path}")
         cached = self.registry.context.cache.find(node.ref) is not None
-        local = node.store.path_of_empty(node.ref) if node.known_size == 0 else node.store.path(node.ref)
+        local = node.store.path_of_empty(node.ref) if node.known_size == 0 \
+            else node.store.path(node.ref, node.known_size)
         return {"size": os.path.getsize(local), "object": f"{node.ref.hash_name}:{node.ref.object_id}",
                 "cached": cached}
 

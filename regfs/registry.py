@@ -1,7 +1,8 @@
 """A registry: one Git URL, its mirror, and the trees of its commits with their object stores.
 
-`Context` holds what every registry of a process shares: the object cache, the fetcher, the
-user's DVC config levels, opened remotes, and the registries that imports lead to. The config of
+`Context` holds what every registry of a process shares: the object cache, the fetcher, the open
+files, the cap on requests in flight, the user's DVC config levels, opened remotes, and the
+registries that imports lead to. The config of
 a commit is its committed `.dvc/config` over the user's system/global levels, under the overrides
 given on the command line; relative local remote URLs resolve against the registry's `.dvc/`,
 which only exists for a registry given as a local directory.
@@ -31,7 +32,7 @@ from regfs.errors import (
 from regfs.fetch import Fetcher, ObjectStore
 from regfs.files import OpenFiles
 from regfs.git import Mirror
-from regfs.remotes import Remote, open_remote
+from regfs.remotes import MAX_REQUESTS, Remote, RequestSlots, open_remote
 from regfs.tree import (
     DirNode,
     ImportedFileNode,
@@ -55,11 +56,12 @@ class Snapshot:
 
 
 class Context:
-    def __init__(self, cache_dir: str, shared_group: bool = False):
+    def __init__(self, cache_dir: str, shared_group: bool = False, max_requests: int = MAX_REQUESTS):
         self.shared_group = shared_group
         self.cache = ObjectCache(cache_dir, shared_group)
         self.fetcher = Fetcher(self.cache)
         self.files = OpenFiles()
+        self.request_slots = RequestSlots(max_requests)
         self.mirrors_dir = os.path.join(self.cache.state_dir, "git")
         self.user_config = Config()
         for level in user_levels():
@@ -72,7 +74,7 @@ class Context:
         key = (spec.name, spec.url, repr(sorted(spec.options.items())))
         with self._lock:
             if key not in self._remotes:
-                self._remotes[key] = open_remote(spec)
+                self._remotes[key] = open_remote(spec, self.request_slots)
             return self._remotes[key]
 
     def registry(self, url: str, overrides: Config | None = None) -> "Registry":

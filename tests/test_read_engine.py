@@ -1,0 +1,117 @@
+"""The cold-read engine against a real HTTP remote behind a counting proxy (tests/faultproxy.py):
+no request it can do without, and parallel parts under a cap on requests in flight.
+
+One registry serves the module: two directory outputs of small files, and three objects of three
+parts each (regfs.download.PART). Bytes are always
+compared with DVC's (`dvc pull` of the same objects over HTTP); requests are counted at the proxy.
+"""
+
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from regfs.download import PART
+from tests.faultproxy import FaultProxy, ProxyRequest, registry_behind_proxy
+from tests.registry import Registry, random_bytes
+from tests.trees import Snapshot, md5_hex, object_path, snapshot
+
+SMALL = {f"dir/{number:02}.bin": random_bytes(500 + number, 1000 + 997 * number) for number in range(24)}
+STALLED = {f"stall/{number:02}.bin": random_bytes(700 + number, 5000 + number) for number in range(12)}
+LARGE = {name: random_bytes(seed, 2 * PART + (3 << 20) + seed)
+         for seed, name in enumerate(["big.bin", "streamed.bin", "corrupt.bin"], start=600)}
+
+
+@dataclass
+class Web:
+    registry: Registry
+    store: Path  # the directory the HTTP server serves
+    proxy: FaultProxy
+    expected: Snapshot  # DVC's workspace of main
+
+    def mount(self, mount, *args: str, **kwargs):
+        return mount(f"{self.registry.path}@main", "--refresh", "0", "--remote-config",
+                     f"web.url={self.proxy.url}/store", *args, **kwargs)
+
+    def data(self, relpath: str) -> bytes:
+        return self.expected[relpath][2]
+
+    def requests(self, relpath: str, method: str = "GET") -> list[ProxyRequest]:
+        object_id = md5_hex(self.data(relpath))
+        return [request for request in self.proxy.requests
+                if request.method == method and request.path.endswith(f"{object_id[:2]}/{object_id[2:]}")]
+
+
+@pytest.fixture(scope="module")
+def web(tools, oracle, tmp_path_factory):
+    def fill(registry: Registry) -> None:
+        for relpath, data in {**SMALL, **STALLED, **LARGE}.items():
+            registry.write(relpath, data)
+        registry.add("dir", "stall", *LARGE)
+
+    parent = tmp_path_factory.mktemp("engine")
+    with registry_behind_proxy(tools, parent, fill) as (registry, proxy):
+        yield Web(registry, parent / "store", proxy, oracle.tree(registry.path, "main"))
+
+
+@pytest.fixture
+def proxy(web):
+    web.proxy.clear()
+    web.proxy.reset()
+    yield web.proxy
+    web.proxy.clear()
+
+
+def files_below(tree: Snapshot, prefix: str) -> Snapshot:
+    return {relpath.removeprefix(prefix): entry for relpath, entry in tree.items()
+            if relpath.startswith(prefix)}
+
+
+def test_a_cold_copy_asks_for_each_object_once_and_no_size_it_knows(web, proxy, mount, regfs_cli, tmp_path):
+    """`cp -r` of a directory output and a read of a three-part object: one GET per small object,
+    one per part, no HEAD for sizes the metafiles give; sizes learned before come from the index,
+    so once they are known a cold copy makes no HEAD at all (HTTP cannot list: the first listing
+    asks each entry's size)."""
+    cache = tmp_path / "cache"
+    first = web.mount(mount, cache_dir=cache)
+    shutil.copytree(first / "dir", tmp_path / "copy")
+    assert snapshot(tmp_path / "copy") == files_below(web.expected, "dir/")
+    assert (first / "big.bin").read_bytes() == web.data("big.bin")
+
+    for relpath in SMALL:
+        assert len(web.requests(relpath)) == 1, (relpath, web.requests(relpath))
+        assert len(web.requests(relpath, "HEAD")) <= 1, (relpath, web.requests(relpath, "HEAD"))
+    manifests = [request for request in proxy.requests if request.path.endswith(".dir")]
+    assert [request.method for request in manifests] == ["HEAD", "GET"], manifests
+    assert sorted(request.range_start for request in web.requests("big.bin")) == [0, PART, 2 * PART]
+    assert not web.requests("big.bin", "HEAD")
+    first.unmount()
+
+    assert regfs_cli("cache", "gc", "--max-size", "0", "--cache-dir", cache).returncode == 0
+    assert not object_path(cache, md5_hex(web.data("big.bin"))).exists()
+    proxy.reset()
+    second = web.mount(mount, cache_dir=cache)
+    shutil.copytree(second / "dir", tmp_path / "copy-again")
+    assert snapshot(tmp_path / "copy-again") == files_below(web.expected, "dir/")
+    assert [request.method for request in proxy.requests if request.method != "GET"] == []
+    assert len(proxy.requests) == len(SMALL) + 1, proxy.requests  # and the manifest
+
+
+def test_parallel_downloads_stay_under_the_cap_and_never_repeat(web, proxy, mount):
+    """Readers of one large object and of many small ones at once, with `--max-requests 3`: the
+    proxy never sees more than 3 requests at a time (but more than one: the parts run in
+    parallel), each part and each small object is asked for once, and the bytes are DVC's."""
+    mounted = web.mount(mount, "--max-requests", "3")
+    paths = ["big.bin"] * 4 + list(SMALL)
+    with ThreadPoolExecutor(max_workers=len(paths)) as pool:
+        contents = list(pool.map(lambda relpath: (mounted / relpath).read_bytes(), paths))
+    for relpath, data in zip(paths, contents):
+        assert data == web.data(relpath), relpath
+    assert 2 <= proxy.max_in_flight <= 3, proxy.max_in_flight
+    assert sorted(request.range_start for request in web.requests("big.bin")) == [0, PART, 2 * PART]
+    for relpath in SMALL:
+        assert len(web.requests(relpath)) == 1, (relpath, web.requests(relpath))
