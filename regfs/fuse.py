@@ -12,6 +12,11 @@ symlinks change: after each refresh, the names that changed, appeared or were mi
 are invalidated with fuse_lowlevel_notify_inval_entry(3), so they never outlive the refresh. `RegfsError`s carry their errno; failures that a reader sees as EIO are logged once here,
 with the path, since the core's message already names the object and the remote. Every write
 operation is EROFS, and the mount is also made with `ro` so the kernel refuses most of them first.
+
+Threads: libfuse runs each request in one of its worker threads, at most `MAX_THREADS` of them
+(`-o max_threads`, libfuse >= 3.12; its default of 10 would let ten readers waiting for downloads
+hold every thread, and a read of a cached file would wait behind them). A read waits only for
+its own object's download.
 """
 
 import ctypes
@@ -43,6 +48,7 @@ FETCH_XATTR = XATTR_PREFIX + "fetch"
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 KERNEL_CACHE_SECONDS = 30 * 86400.0
 MAX_BACKGROUND = 64
+MAX_THREADS = 64
 _ROOT_INODE = 1  # FUSE_ROOT_ID: the high-level API numbers the root 1, as the kernel does
 
 
@@ -222,4 +228,4 @@ def mount(view: MountView, mountpoint: str, fsname: str, on_ready: Callable[[], 
     safe_name = "".join(char if char.isalnum() or char in "/:._-@" else "_" for char in fsname)
     mfusepy.FUSE(Operations(view, on_ready), mountpoint, foreground=True, nothreads=False, debug=debug,
                  ro=True, default_permissions=True, allow_other=allow_other, fsname=safe_name,
-                 subtype="regfs")
+                 subtype="regfs", max_threads=MAX_THREADS)

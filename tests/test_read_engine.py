@@ -1,14 +1,18 @@
 """The cold-read engine against a real HTTP remote behind a counting proxy (tests/faultproxy.py):
-no request it can do without, and parallel parts under a cap on requests in flight.
+no request it can do without, parallel parts under a cap on requests in flight, and FUSE threads
+that keep serving while downloads stall.
 
-One registry serves the module: two directory outputs of small files, and three objects of three
-parts each (regfs.download.PART). Bytes are always
+One registry serves the module: a directory output of small files, three objects of three parts
+each (regfs.download.PART), and a directory of small files for the stalls. Bytes are always
 compared with DVC's (`dvc pull` of the same objects over HTTP); requests are counted at the proxy.
 """
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +21,7 @@ import pytest
 
 from regfs.download import PART
 from tests.faultproxy import FaultProxy, ProxyRequest, registry_behind_proxy
+from tests.mounting import read_in_child
 from tests.registry import Registry, random_bytes
 from tests.trees import Snapshot, md5_hex, object_path, snapshot
 
@@ -24,6 +29,8 @@ SMALL = {f"dir/{number:02}.bin": random_bytes(500 + number, 1000 + 997 * number)
 STALLED = {f"stall/{number:02}.bin": random_bytes(700 + number, 5000 + number) for number in range(12)}
 LARGE = {name: random_bytes(seed, 2 * PART + (3 << 20) + seed)
          for seed, name in enumerate(["big.bin", "streamed.bin", "corrupt.bin"], start=600)}
+CAT = "import sys; sys.stdout.buffer.write(open(sys.argv[1], 'rb').read())"
+HANG = 60  # seconds: a read that takes longer is a hang (a stalled request lasts until cleared)
 
 
 @dataclass
@@ -115,3 +122,33 @@ def test_parallel_downloads_stay_under_the_cap_and_never_repeat(web, proxy, moun
     assert sorted(request.range_start for request in web.requests("big.bin")) == [0, PART, 2 * PART]
     for relpath in SMALL:
         assert len(web.requests(relpath)) == 1, (relpath, web.requests(relpath))
+
+
+def test_reads_go_on_while_downloads_stall(web, proxy, mount, tmp_path):
+    """Twelve readers wait for objects whose GETs stall (more readers than libfuse's default of 10
+    threads); meanwhile a cached file the kernel has never seen, and a small object nobody is
+    downloading, read at once. When the stall ends, the twelve get DVC's bytes."""
+    cache = tmp_path / "cache"
+    warm = web.mount(mount, cache_dir=cache)
+    assert (warm / "dir/00.bin").read_bytes() == web.data("dir/00.bin")
+    warm.unmount()
+
+    mounted = web.mount(mount, cache_dir=cache)
+    stalled_ids = {md5_hex(data)[2:] for data in STALLED.values()}
+    proxy.inject("stall", keep_bytes=0,
+                 match=lambda request: request.path.rsplit("/", 1)[-1] in stalled_ids)
+    readers = {relpath: subprocess.Popen([sys.executable, "-c", CAT, mounted / relpath], stdout=subprocess.PIPE)
+               for relpath in STALLED}
+    try:
+        deadline = time.monotonic() + HANG
+        while len(proxy.faulted("stall")) < len(STALLED) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(proxy.faulted("stall")) >= len(STALLED), proxy.requests
+
+        assert read_in_child(mounted / "dir/00.bin", HANG).data == web.data("dir/00.bin")
+        assert read_in_child(mounted / "dir/01.bin", HANG).data == web.data("dir/01.bin")
+        assert all(reader.poll() is None for reader in readers.values()), "a stalled read returned"
+    finally:
+        proxy.clear()
+        outputs = {relpath: reader.communicate(timeout=HANG)[0] for relpath, reader in readers.items()}
+    assert outputs == STALLED
