@@ -51,9 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("-o", dest="mount_options", action="append", default=[], metavar="OPTIONS",
                        help="mount(8)-style options: allow_other, cache_dir=DIR, refresh=SECONDS, remote=NAME, "
                             "remote_config=NAME.KEY=VALUE, log_file=PATH, shared=group, cache_size=SIZE, "
-                            "max_requests=N, debug")
+                            "max_requests=N, stream, debug")
     mount.add_argument("--max-requests", type=int, default=MAX_REQUESTS, metavar="N",
                        help=f"requests to remotes in flight at once, at most (default {MAX_REQUESTS})")
+    mount.add_argument("--stream", action="store_true",
+                       help="serve a large object's bytes as they arrive, before its hash is checked at the "
+                            "end (a reader may get bytes that then prove wrong; see README)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _add_cache_size(mount)
     _add_common(mount)
@@ -138,7 +141,7 @@ def _mount(args, argv: list[str]) -> int:
                            cache_dir=cache_dir, refresh=args.refresh, remote=args.remote,
                            remote_config=args.remote_config, log_file=args.log_file, debug=args.debug,
                            allow_other=args.allow_other, shared_group=args.shared == "group",
-                           cache_size=_cache_size(args), max_requests=args.max_requests)
+                           cache_size=_cache_size(args), max_requests=args.max_requests, stream=args.stream)
     if args.max_requests < 1:
         raise UsageError(f"--max-requests must be at least 1, not {args.max_requests}")
     overrides(args.remote, args.remote_config)  # reject malformed options before daemonizing
@@ -179,8 +182,8 @@ def _mount_option_args(text: str) -> list[str]:
             continue
         if key == "allow_other" and not has_value:
             args.append("--allow-other")
-        elif key == "debug" and not has_value:
-            args.append("--debug")
+        elif key in ("debug", "stream") and not has_value:
+            args.append("--" + key)
         elif key in _VALUED_MOUNT_OPTIONS and has_value:
             args += ["--" + key.replace("_", "-"), value]
         else:

@@ -46,6 +46,7 @@ class MountOptions:
     shared_group: bool = False
     cache_size: int | None = None  # bytes; None: no cap
     max_requests: int = MAX_REQUESTS  # requests to remotes in flight at once
+    stream: bool = False  # serve large objects' bytes as they arrive, verified at the end
 
 
 def overrides(remote: str | None, remote_config: list[str]) -> Config:
@@ -129,7 +130,7 @@ def serve(options: MountOptions, ready_fd: int | None = None) -> int:
     try:
         check_mountpoint(options.mountpoint)
         _hold_pid_file(options)
-        context = Context(options.cache_dir, options.shared_group, options.max_requests)
+        context = Context(options.cache_dir, options.shared_group, options.max_requests, options.stream)
         registry = Registry(options.address.url, context,
                             overrides(options.remote, options.remote_config))
         removed = context.cache.remove_stale_downloads()

@@ -1,17 +1,24 @@
 """One object's download into its temporary cache file: ranged requests in parallel, written in
-place, hashed in order.
+place, hashed in order; and the ranges that streaming readers wait for.
 
 An object of at most `PART` bytes is one request, made by the calling thread. A larger one is cut
-into parts of `PART` bytes, fetched by up to `WINDOW` threads at once, lowest offset first; each
-part's pieces are written at their offsets (pwrite) as they arrive, and the calling thread hashes
-the contiguous prefix of written bytes as it grows (reading it back from the page cache), so the
-memory a download needs is its pieces in flight, whatever the object's size. Every part is one
-`Remote.read`, with its own retry budget; the first part that fails fails the download, and the
-others stop at their next piece.
+into parts of `PART` bytes, fetched by up to `WINDOW` threads at once, lowest offset first (the
+first part alone until its first bytes arrive, `HEAD_START` seconds at most, so that they are not
+slowed by the others); each part's pieces are written at their offsets (pwrite) as they arrive, and
+the calling thread hashes the contiguous prefix of written bytes as it grows (reading it back from
+the page cache), so the memory a download needs is its pieces in flight, whatever the object's
+size. Every part is one `Remote.read`, with its own retry budget; the first part that fails fails
+the download, and the others stop at their next piece.
+
+Streaming readers (`--stream`) read the temporary file through their own descriptor (`reader`)
+once `wait_for` says their range is there: the parts that hold a range someone waits for are
+fetched before any other. Those bytes are not verified yet; the cache renames the file into place
+only once its hash matches, and a failed download fails every reader waiting and every later one.
 """
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from regfs.backends import CHUNK
@@ -20,6 +27,7 @@ from regfs.remotes import Remote
 
 PART = CHUNK  # bytes per ranged request of a large object
 WINDOW = 8  # parts of one object in flight at once: half the default cap on requests
+HEAD_START = 0.1  # seconds the first part has alone, at most, before the others start
 
 
 class _Stopped(Exception):
@@ -46,31 +54,49 @@ class Download:
         self._changed = threading.Condition()
         self._parts: list[_Part] = []
         self._pending: list[int] = []  # indexes of parts nobody fetches yet, in order
+        self._wanted: set[int] = set()  # parts a streaming reader waits for
         self._stop: BaseException | None = None  # why the parts stop early
         self._outcome: tuple[str | None, BaseException | None] | None = None  # (path, error) at the end
+        self._reader_fd: int | None = None
+        self._callbacks: list[Callable[[BaseException | None], None]] = []
+
+    # -- the downloading side --------------------------------------------------------------------
 
     def fill(self, writer: ObjectWriter, remote: Remote) -> None:
         """Write the object into `writer` and hash it (the cache checks the hash and renames)."""
         size = self.size if self.size is not None else remote.size(self.ref.relpath)
+        reader_fd = os.open(writer.path, os.O_RDONLY) if size > PART else None  # only large ones stream
         with self._changed:
-            self.size, self.fetched = size, True
+            self.size, self.fetched, self._reader_fd = size, True, reader_fd
             self._parts = [_Part(start, min(start + PART, size)) for start in range(0, size, PART)]
             self._pending = list(range(len(self._parts))) if len(self._parts) > 1 else []
             self._changed.notify_all()
         if len(self._parts) == 1:
             self._fetch(self._parts[0], writer, remote, writer.fd)
-        for _ in range(min(WINDOW, len(self._pending))):
+        for number in range(min(WINDOW, len(self._pending))):
             threading.Thread(target=self._work, args=(writer, remote, os.dup(writer.fd)), daemon=True,
                              name="regfs-part").start()
+            if number == 0:  # the bytes a streaming reader waits for first come unhindered
+                with self._changed:
+                    self._changed.wait_for(lambda: self._stop or any(part.delivered for part in self._parts),
+                                           HEAD_START)
         self._hash(writer)
 
     def finish(self, path: str | None, error: BaseException | None) -> None:
-        """The end: the object's cache path, or why it failed (for every waiter)."""
+        """The end: the object's cache path, or why it failed (for every waiter, and later ones).
+        The `when_finished` callbacks run in a thread of their own: never in a FUSE request's."""
         with self._changed:
             self._outcome = (path, error)
             if self._stop is None:
                 self._stop = error or _Stopped()
+            if self._reader_fd is not None:
+                os.close(self._reader_fd)
+                self._reader_fd = None
+            callbacks, self._callbacks = self._callbacks, []
             self._changed.notify_all()
+        if callbacks:
+            threading.Thread(target=lambda: [callback(error) for callback in callbacks], daemon=True,
+                             name="regfs-finished").start()
 
     def _work(self, writer: ObjectWriter, remote: Remote, fd: int) -> None:
         """A part thread: fetch parts until none is left or the download failed. Its own descriptor
@@ -92,7 +118,10 @@ class Download:
         with self._changed:
             if self._stop is not None or not self._pending:
                 return None
-            return self._parts[self._pending.pop(0)]
+            wanted = [index for index in self._pending if index in self._wanted]
+            index = wanted[0] if wanted else self._pending[0]
+            self._pending.remove(index)
+            return self._parts[index]
 
     def _fetch(self, part: _Part, writer: ObjectWriter, remote: Remote, fd: int) -> None:
         def write(offset: int, piece: bytes) -> None:
@@ -124,8 +153,10 @@ class Download:
                 break
         return end
 
+    # -- the reading side ------------------------------------------------------------------------
+
     def wait(self) -> str:
-        """The object's cache path once downloaded (by another thread); raises the failure."""
+        """The object's cache path once downloaded; raises the failure."""
         with self._changed:
             while self._outcome is None:
                 self._changed.wait()
@@ -133,3 +164,39 @@ class Download:
         if error is not None:
             raise error
         return path
+
+    def reader(self) -> int | None:
+        """A new descriptor of the file being written, for a streaming reader: None once the object
+        is in the cache (or was cached by another process: no bytes came through here)."""
+        with self._changed:
+            while self._reader_fd is None and self._outcome is None:
+                self._changed.wait()
+            self._raise_failure()
+            return None if self._reader_fd is None else os.dup(self._reader_fd)
+
+    def wait_for(self, start: int, end: int) -> None:
+        """Until bytes `start` to `end` are written (or the object is cached); raises the failure.
+        The parts that hold them are fetched next."""
+        with self._changed:
+            while True:
+                self._raise_failure()
+                if self._outcome is not None or start >= self.size:
+                    return
+                indexes = range(start // PART, (min(end, self.size) - 1) // PART + 1)
+                parts = [self._parts[index] for index in indexes] if self._parts else []
+                if parts and all(part.written_end >= min(end, part.end) for part in parts):
+                    return
+                self._wanted.update(indexes)
+                self._changed.wait()
+
+    def when_finished(self, callback: Callable[[BaseException | None], None]) -> bool:
+        """Call `callback(error)` (None: success) at the end; False if it came already."""
+        with self._changed:
+            if self._outcome is not None:
+                return False
+            self._callbacks.append(callback)
+            return True
+
+    def _raise_failure(self) -> None:
+        if self._outcome is not None and self._outcome[1] is not None:
+            raise self._outcome[1]

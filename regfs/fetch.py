@@ -8,7 +8,9 @@ with an error that names the object and the remote.
 `Fetcher` runs the downloads (regfs/download.py) of a process: one per object at a time, however
 many threads want it (they wait for the one running; other processes wait on the cache's lock).
 A download that knows the object's size (from the metafile, the size index, or the listing
-before it) makes no HEAD request: an object of one part is exactly one GET.
+before it) makes no HEAD request: an object of one part is exactly one GET. `stream` starts a
+download in a thread of its own and gives it to streaming readers while it runs (`--stream`); an
+object whose streamed bytes failed verification is never streamed again by this process.
 """
 
 import logging
@@ -20,9 +22,9 @@ from collections.abc import Callable
 from cachetools import LRUCache
 
 from regfs.cache import ObjectCache, ObjectRef
-from regfs.download import Download
+from regfs.download import PART, Download
 from regfs.dvcmeta import DirEntry, parse_dir_manifest
-from regfs.errors import CacheError, IntegrityError, RemoteError
+from regfs.errors import CacheError, IntegrityError, RegfsError, RemoteError
 from regfs.remotes import Remote
 from regfs.stats import Stats
 
@@ -38,6 +40,7 @@ class Fetcher:
         self._manifests: LRUCache = LRUCache(maxsize=256)
         self._manifest_lock = threading.Lock()
         self._downloads: dict[ObjectRef, Download] = {}
+        self._unstreamable: LRUCache = LRUCache(maxsize=4096)  # objects whose streamed bytes were wrong
         self._lock = threading.Lock()
 
     def fetch(self, ref: ObjectRef, remote: Remote, size: int | None = None) -> str:
@@ -52,6 +55,20 @@ class Fetcher:
             return download.wait()
         return self._run(download, remote)
 
+    def stream(self, ref: ObjectRef, remote: Remote, size: int) -> Download | None:
+        """The download of a large object not cached yet, started in its own thread if need be;
+        None when streaming would not help (small, cached) or must not (its bytes were wrong)."""
+        with self._lock:
+            if size <= PART or ref in self._unstreamable:
+                return None
+        if self.cache.find(ref) is not None:
+            return None
+        download, started = self._download(ref, size)
+        if started:
+            threading.Thread(target=self._run_streamed, args=(download, remote), daemon=True,
+                             name="regfs-stream").start()
+        return download
+
     def _download(self, ref: ObjectRef, size: int | None) -> tuple[Download, bool]:
         """The download of `ref` running in this process, or a new one (True: the caller runs it)."""
         with self._lock:
@@ -61,7 +78,13 @@ class Fetcher:
             download = self._downloads[ref] = Download(ref, size)
             return download, True
 
-    def _run(self, download: Download, remote: Remote) -> str:
+    def _run_streamed(self, download: Download, remote: Remote) -> None:
+        try:
+            self._run(download, remote, streamed=True)
+        except RegfsError as exc:  # its readers get it (and the FUSE layer logs it), now or later
+            logger.debug("streamed download of %s failed: %s", download.ref.object_id, exc)
+
+    def _run(self, download: Download, remote: Remote, streamed: bool = False) -> str:
         """Run a registered download to its end, whatever the end, and tell its waiters."""
         ref, started, path, error = download.ref, time.monotonic(), None, None
         try:
@@ -69,6 +92,8 @@ class Fetcher:
         except IntegrityError as exc:
             self.stats.remote_failed(remote.describe())
             error = IntegrityError(f"{exc} (downloaded from {remote.describe()}); nothing was cached")
+            if streamed:
+                self._streamed_wrong_bytes(ref, error)
             raise error from exc
         except RemoteError as exc:
             self.stats.remote_failed(remote.describe())
@@ -91,6 +116,14 @@ class Fetcher:
             logger.info("fetched %s (%d bytes) from %s in %.2fs", ref.object_id, download.size,
                         remote.describe(), seconds)
         return path
+
+    def _streamed_wrong_bytes(self, ref: ObjectRef, error: IntegrityError) -> None:
+        """One line about it, before any reader hears of it: readers that fail on it add none."""
+        with self._lock:
+            self._unstreamable[ref] = True
+        logger.error("%s; it was streamed to readers before its hash was checked, so they may have read "
+                     "wrong bytes: their later reads fail with EIO", error)
+        error.reported = True
 
     def install_empty(self, ref: ObjectRef) -> str:
         """Cache an object known to be empty without asking its remote; still verified by hash."""
@@ -148,6 +181,13 @@ class ObjectStore:
             return cached
         self._fetcher.stats.add("cache_misses")
         return self._fetcher.fetch(ref, self.remote(), size)
+
+    def stream(self, ref: ObjectRef, size: int) -> Download | None:
+        """The running download of a large object for streaming readers (see `Fetcher.stream`)."""
+        download = self._fetcher.stream(ref, self.remote(), size)
+        if download is not None:
+            self._fetcher.stats.add("cache_misses")
+        return download
 
     @property
     def cache(self) -> ObjectCache:

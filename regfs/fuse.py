@@ -16,7 +16,9 @@ operation is EROFS, and the mount is also made with `ro` so the kernel refuses m
 Threads: libfuse runs each request in one of its worker threads, at most `MAX_THREADS` of them
 (`-o max_threads`, libfuse >= 3.12; its default of 10 would let ten readers waiting for downloads
 hold every thread, and a read of a cached file would wait behind them). A read waits only for
-its own object's download.
+its own object's download, or with `--stream` for its own range of it. After a streamed download
+failed, the kernel's cached pages of the paths read from it are dropped with
+fuse_invalidate_path(3), from the thread that saw the failure, never from a request's.
 """
 
 import ctypes
@@ -96,11 +98,13 @@ class Operations(mfusepy.Operations):
             conn.max_background, conn.congestion_threshold = MAX_BACKGROUND, MAX_BACKGROUND * 3 // 4
         self._kernel.attach()
         self._view.on_root_changed = self._kernel.forget
+        self._view.registry.context.files.on_wrong_bytes = self._kernel.forget_pages
         if self._on_ready is not None:
             self._on_ready()
 
     def destroy(self, path: str) -> None:
         self._view.on_root_changed = None
+        self._view.registry.context.files.on_wrong_bytes = None
         self._kernel.detach()
 
     @_translated
@@ -180,17 +184,31 @@ class _KernelCache:
     """
 
     def __init__(self):
+        self._fuse: int | None = None
         self._session: int | None = None
         self._lock = threading.Lock()
 
     def attach(self) -> None:
         fuse_pointer = mfusepy._libfuse.fuse_get_context().contents.fuse
         with self._lock:
+            self._fuse = fuse_pointer
             self._session = _libfuse_session(fuse_pointer)
 
     def detach(self) -> None:
         with self._lock:
-            self._session = None
+            self._fuse = self._session = None
+
+    def forget_pages(self, paths: set[str]) -> None:
+        """Drop the kernel's cached pages and attributes of these paths (never call this from a
+        request's thread: the kernel waits for reads of those pages in flight)."""
+        with self._lock:
+            if self._fuse is None:
+                return
+            for path in paths:
+                status = _invalidate_path(self._fuse, os.fsencode(path))
+                if status not in (0, -errno.ENOENT):  # ENOENT: libfuse does not know the path (any more)
+                    logger.warning("cannot drop the kernel's cached pages of %s: %s", path,
+                                   os.strerror(-status))
 
     def forget(self, names: set[str]) -> None:
         with self._lock:
@@ -212,6 +230,7 @@ def _libfuse_function(name: str, restype, *argtypes):
 
 
 _libfuse_session = _libfuse_function("fuse_get_session", ctypes.c_void_p, ctypes.c_void_p)
+_invalidate_path = _libfuse_function("fuse_invalidate_path", ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p)
 _inval_entry = _libfuse_function("fuse_lowlevel_notify_inval_entry", ctypes.c_int, ctypes.c_void_p,
                                  ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t)
 _inval_inode = _libfuse_function("fuse_lowlevel_notify_inval_inode", ctypes.c_int, ctypes.c_void_p,

@@ -182,7 +182,7 @@ class MountView:
     def read(self, path: str, size: int, offset: int) -> bytes:
         """`size` bytes at `offset` of the file at `path`; fetches its object on first use."""
         node, _ = self.resolve(path)
-        return self.registry.context.files.read(node, size, offset)
+        return self.registry.context.files.read(node, size, offset, path)
 
     def fetch(self, path: str) -> dict:
         """Make the regular file at `path` local without reading it (`regfs prefetch`): its object

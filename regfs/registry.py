@@ -56,11 +56,12 @@ class Snapshot:
 
 
 class Context:
-    def __init__(self, cache_dir: str, shared_group: bool = False, max_requests: int = MAX_REQUESTS):
+    def __init__(self, cache_dir: str, shared_group: bool = False, max_requests: int = MAX_REQUESTS,
+                 stream: bool = False):
         self.shared_group = shared_group
         self.cache = ObjectCache(cache_dir, shared_group)
         self.fetcher = Fetcher(self.cache)
-        self.files = OpenFiles()
+        self.files = OpenFiles(stream=stream)
         self.request_slots = RequestSlots(max_requests)
         self.mirrors_dir = os.path.join(self.cache.state_dir, "git")
         self.user_config = Config()

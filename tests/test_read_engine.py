@@ -1,6 +1,6 @@
 """The cold-read engine against a real HTTP remote behind a counting proxy (tests/faultproxy.py):
-no request it can do without, parallel parts under a cap on requests in flight, and FUSE threads
-that keep serving while downloads stall.
+no request it can do without, parallel parts under a cap on requests in flight, FUSE threads that
+keep serving while downloads stall, and `--stream`.
 
 One registry serves the module: a directory output of small files, three objects of three parts
 each (regfs.download.PART), and a directory of small files for the stalls. Bytes are always
@@ -9,6 +9,9 @@ compared with DVC's (`dvc pull` of the same objects over HTTP); requests are cou
 
 from __future__ import annotations
 
+import errno
+import os
+import random
 import shutil
 import subprocess
 import sys
@@ -152,3 +155,67 @@ def test_reads_go_on_while_downloads_stall(web, proxy, mount, tmp_path):
         proxy.clear()
         outputs = {relpath: reader.communicate(timeout=HANG)[0] for relpath, reader in readers.items()}
     assert outputs == STALLED
+
+
+def test_stream_serves_ranges_before_the_object_is_whole(web, proxy, mount):
+    """`--stream`: while the last part of `streamed.bin` stalls, its first bytes read; readers at
+    random offsets all get DVC's bytes once the stall ends; each part is asked for once (the
+    stalled one again after its failure); `--cache-size` smaller than the object evicts it
+    without breaking a reader."""
+    mounted = web.mount(mount, "--stream", "--cache-size", "8M")
+    data = web.data("streamed.bin")
+    object_id = md5_hex(data)
+    proxy.inject("stall", keep_bytes=0, match=lambda request: request.range_start == 2 * PART
+                 and request.path.endswith(f"{object_id[:2]}/{object_id[2:]}"))
+    assert read_in_child(mounted / "streamed.bin", HANG, 1000, 1 << 20).data == data[1000:1000 + (1 << 20)]
+
+    rng = random.Random(7)
+    ranges = [(rng.randrange(len(data)), rng.randrange(1, 300_000)) for _ in range(96)]
+
+    def read_ranges(share: list[tuple[int, int]]) -> list[bytes]:
+        with open(mounted / "streamed.bin", "rb", buffering=0) as file:
+            return [os.pread(file.fileno(), size, offset) for offset, size in share]
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        shares = [ranges[start::6] for start in range(6)]
+        pending = [pool.submit(read_ranges, share) for share in shares]
+        time.sleep(0.5)  # let readers wait on the stalled part
+        proxy.clear()
+        results = [job.result(timeout=HANG) for job in pending]
+    for share, pieces in zip(shares, results):
+        for (offset, size), piece in zip(share, pieces):
+            assert piece == data[offset:offset + size], (offset, size)
+    clean = sorted(request.range_start for request in web.requests("streamed.bin") if request.fault is None)
+    assert clean == [0, PART, 2 * PART], web.requests("streamed.bin")
+    assert (mounted / "streamed.bin").read_bytes() == data
+
+
+def test_stream_of_a_corrupt_object_fails_later_reads_and_caches_nothing(web, proxy, mount):
+    """`--stream` of an object whose remote copy is corrupt (same size): readers may get its
+    bytes before the end, but once the hash proves wrong every read fails with EIO (the kernel's
+    pages are dropped too), one ERROR line says so, and nothing is cached; the remote repaired,
+    the same file reads DVC's bytes."""
+    data = web.data("corrupt.bin")
+    object_id = md5_hex(data)
+    stored = object_path(web.store, object_id)
+    stored.chmod(0o644)
+    stored.write_bytes(bytes(byte ^ 0x5A for byte in data[:4096]) + data[4096:])
+    try:
+        mounted = web.mount(mount, "--stream", expect_errors=object_id)
+        read_in_child(mounted / "corrupt.bin", HANG)  # bytes or EIO: either may come first
+        deadline = time.monotonic() + HANG
+        while "streamed to readers" not in mounted.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (line,) = [line for line in mounted.error_lines() if "streamed to readers" in line]
+        assert object_id in line and "corrupt" in line and "EIO" in line, line
+        for offset in (0, len(data) - 100):
+            assert read_in_child(mounted / "corrupt.bin", HANG, offset, 100).errno == errno.EIO
+        assert not object_path(mounted.cache_dir, object_id).exists()
+        assert not list((mounted.cache_dir / "regfs" / "tmp").iterdir())
+    finally:
+        stored.write_bytes(data)
+    deadline = time.monotonic() + HANG
+    while (outcome := read_in_child(mounted / "corrupt.bin", HANG)).data is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert outcome.data == data
