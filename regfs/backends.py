@@ -3,17 +3,20 @@ importer of fsspec backends, s3fs, botocore, aiohttp).
 
 A `Backend` makes one request per call and knows nothing of retries (regfs/remotes.py does them):
 `size(path)` is None for a missing object, `read(path, start, end)` the bytes of that range as the
-remote sent them (fewer if the body was cut short), `list(path)` names and sizes below a prefix.
+remote sent them (fewer if the body was cut short), `stream(path, start, end)` the same bytes in
+pieces as they arrive (by default one piece, `read`'s), `list(path)` names and sizes below a prefix.
 A path is a string, or a `Version` (a path read at one version of a cloud-versioned remote).
 `open_backend` builds one from DVC's option names. Which failures may go away when a request is
 repeated, and how each is said in one line, is decided here, next to the libraries that raise them.
 
-Local directories and S3 are fsspec filesystems; s3fs and botocore each make a single attempt per
-request (by default botocore makes up to 4 and s3fs repeats that up to 5 times). HTTP is plain GET
-and HEAD requests on the aiohttp session and event loop of fsspec's HTTPFileSystem, whose own
-`info` and `cat_file` are not used: `info` reports any failed HEAD as a missing file (a 503 would
-become ENOENT), and `cat_file` takes whatever body a Range request gets back. An HTTP remote cannot
-be listed (as for DVC), so its sizes come from HEAD requests.
+Local directories and S3 are fsspec filesystems (a local file's ranges are read in pieces, an S3
+range comes whole); s3fs and botocore each make a single attempt per request (by default botocore
+makes up to 4 and s3fs repeats that up to 5 times). HTTP is plain GET and HEAD requests on the
+aiohttp session and event loop of fsspec's HTTPFileSystem, whose own `info` and `cat_file` are not
+used: `info` reports any failed HEAD as a missing file (a 503 would become ENOENT), and `cat_file`
+takes whatever body a Range request gets back. Its GETs are streamed, `PIECE` bytes at a time, so
+a download needs no buffer of a whole range. An HTTP remote cannot be listed (as for DVC), so its
+sizes come from HEAD requests.
 
 botocore's DEBUG log prints every request's headers, S3 session tokens included, and its signing
 steps: its loggers are held at INFO, so that `--debug` shows regfs's own detail and no credential.
@@ -45,7 +48,8 @@ for _name in ("botocore", "aiobotocore"):
     if logging.getLogger(_name).level == logging.NOTSET:  # unless someone chose a level on purpose
         logging.getLogger(_name).setLevel(logging.INFO)
 
-CHUNK = 8 << 20  # bytes per ranged request, at most: what a failed request costs to repeat
+CHUNK = 8 << 20  # bytes per ranged request, at most (a part of a download, see regfs/fetch.py)
+PIECE = 1 << 20  # bytes per piece of a streamed body
 
 
 class Fault(Exception):
@@ -94,6 +98,9 @@ class Backend:
 
     def read(self, path: str | Version, start: int, end: int) -> bytes:
         raise NotImplementedError
+
+    def stream(self, path: str | Version, start: int, end: int) -> Iterator[bytes]:
+        yield self.read(path, start, end)
 
     def list(self, path: str) -> list[tuple[str, int]]:
         raise NotImplementedError
@@ -180,6 +187,17 @@ class FsspecBackend(Backend):
         return None
 
 
+class LocalBackend(FsspecBackend):
+    """A local directory: ranges are read from the file in pieces, as they would arrive."""
+
+    def stream(self, path: str, start: int, end: int) -> Iterator[bytes]:
+        with open(path, "rb") as file:
+            file.seek(start)
+            while start < end and (piece := file.read(min(PIECE, end - start))):
+                start += len(piece)
+                yield piece
+
+
 _IDENTITY = {"Accept-Encoding": "identity"}  # sizes and ranges of the stored bytes, not of a gzip
 
 
@@ -194,7 +212,18 @@ class HTTPBackend(Backend):
         return fsspec.asyn.sync(self._fs.loop, self._head, _unversioned(path))
 
     def read(self, path: str | Version, start: int, end: int) -> bytes:
-        return fsspec.asyn.sync(self._fs.loop, self._get, _unversioned(path), start, end)
+        return b"".join(self.stream(path, start, end))
+
+    def stream(self, path: str | Version, start: int, end: int) -> Iterator[bytes]:
+        loop = self._fs.loop
+        response = fsspec.asyn.sync(loop, self._get, _unversioned(path), start, end)
+        left = end - start
+        try:
+            while left > 0 and (piece := fsspec.asyn.sync(loop, _read_some, response, min(left, PIECE))):
+                left -= len(piece)
+                yield piece
+        finally:
+            fsspec.asyn.sync(loop, _finish, response, left == 0)
 
     async def _head(self, url: str) -> int | None:
         session = await self._fs.set_session()
@@ -207,10 +236,12 @@ class HTTPBackend(Backend):
                 raise Fault("the server's HEAD answer gives no Content-Length")
             return int(length)
 
-    async def _get(self, url: str, start: int, end: int) -> bytes:
+    async def _get(self, url: str, start: int, end: int) -> aiohttp.ClientResponse:
+        """The response to a GET of the range, its body not read yet (positioned at `start`)."""
         session = await self._fs.set_session()
         headers = {**_IDENTITY, "Range": f"bytes={start}-{end - 1}"}
-        async with session.get(url, headers=headers) as response:
+        response = await session.get(url, headers=headers)
+        try:
             if response.status == 404:
                 raise FileNotFoundError(errno.ENOENT, "HTTP 404")
             _check_status(response)
@@ -218,11 +249,33 @@ class HTTPBackend(Backend):
                 first = response.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
                 if first != str(start):
                     raise Fault(f"asked for bytes from {start}, the server sent a range from {first or '?'}")
-                return await response.read()
+                return response
             skip = start  # 200: the server ignored Range and sends the whole object
             while skip:
                 skip -= len(await response.content.readexactly(min(skip, CHUNK)))
-            return await response.content.readexactly(end - start)
+            return response
+        except BaseException:
+            response.close()
+            raise
+
+
+async def _read_some(response: aiohttp.ClientResponse, size: int) -> bytes:
+    """What has arrived of the body, up to `size` bytes, waiting only while nothing has: a reader
+    waiting for the first bytes gets them as soon as they come. b"" at its end."""
+    pieces = [await response.content.read(size)]
+    count = len(pieces[0])
+    while pieces[-1] and count < size:
+        pieces.append(response.content.read_nowait(size - count))
+        count += len(pieces[-1])
+    return b"".join(pieces)
+
+
+async def _finish(response: aiohttp.ClientResponse, complete: bool) -> None:
+    """Give the connection back for reuse, or close it if its body was not read to the end."""
+    if complete:
+        response.release()
+    else:
+        response.close()
 
 
 def _unversioned(path: str | Version) -> str:
@@ -248,7 +301,7 @@ def _check_status(response: aiohttp.ClientResponse) -> None:
 def open_backend(spec: RemoteSpec, connect_timeout: float, read_timeout: float) -> tuple[Backend, str]:
     """The backend of a remote and the root its object paths are below."""
     if spec.is_local:
-        return FsspecBackend(fsspec.filesystem("file")), os.path.abspath(spec.url)
+        return LocalBackend(fsspec.filesystem("file")), os.path.abspath(spec.url)
     scheme, _, rest = spec.url.partition("://")
     if scheme == "s3":
         options = _s3_options(spec, connect_timeout, read_timeout)

@@ -7,12 +7,13 @@ never looks at (its name is not a two-hex-digit prefix): `tmp/` (downloads in pr
 and the sqlite indexes of `regfs.cacheindex`.
 
 Invariants: an object becomes visible at its final path only by an atomic rename after its bytes
-were verified against its id; one object is written by one process at a time (an flock on a
-per-object lock file), so concurrent readers in any number of processes cause one download.
-An object is removed (evicted, or dropped as corrupt) only while its lock is held, so never while
-it is being downloaded, and never while this process holds it open (`hold`). Another process may
-have it open: unlink(2) removes the name only and its descriptor keeps reading the same bytes; a
-reader that found the path but had not opened it yet fetches the object again.
+were verified against its id (a `--stream` reader reads the temporary file of a download in
+progress, through regfs/download.py, knowingly); one object is written by one process at a time (an
+flock on a per-object lock file), so concurrent readers in any number of processes cause one
+download. An object is removed (evicted, or dropped as corrupt) only while its lock is held, so
+never while it is being downloaded, and never while this process holds it open (`hold`). Another
+process may have it open: unlink(2) removes the name only and its descriptor keeps reading the same
+bytes; a reader that found the path but had not opened it yet fetches the object again.
 """
 
 import contextlib
@@ -60,15 +61,34 @@ class ObjectRef:
 
 
 class ObjectWriter:
-    """What a download writes into: a temporary file, hashed on the way."""
+    """What a download writes into: a temporary file, written at any offsets (by any number of
+    threads, each with its own descriptor if it likes), and hashed in order of its bytes."""
 
-    def __init__(self, file, hasher: StreamHasher):
-        self._file, self._hasher, self.size = file, hasher, 0
+    def __init__(self, fd: int, path: str, hasher: StreamHasher, what: str):
+        self.fd, self.path, self._hasher, self._what = fd, path, hasher, what
+        self.size = 0  # bytes hashed so far, from the first
 
-    def write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._hasher.update(data)
-        self.size += len(data)
+    def write_at(self, data: bytes, offset: int, fd: int | None = None) -> None:
+        """Raises CacheError, so that a full disk is never taken for a failed request."""
+        try:
+            os.pwrite(self.fd if fd is None else fd, data, offset)
+        except OSError as exc:
+            raise CacheError(f"{_reason(exc)} while caching {self._what}") from exc
+
+    def hash_through(self, end: int) -> None:
+        """Hash the bytes written from where the hash stands up to `end` (they are read back from
+        the page cache: memory stays bounded whatever the object's size)."""
+        while self.size < end:
+            chunk = os.pread(self.fd, min(CHUNK, end - self.size), self.size)
+            if not chunk:
+                raise CacheError(f"the temporary file of {self._what} ends at {self.size} bytes, not {end}")
+            self._hasher.update(chunk)
+            self.size += len(chunk)
+
+    def hexdigest(self) -> str:
+        """The hash of every byte written (those not hashed yet are, now)."""
+        self.hash_through(os.fstat(self.fd).st_size)
+        return self._hasher.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -149,11 +169,13 @@ class ObjectCache:
         tmp_path = None
         try:
             fd, tmp_path = tempfile.mkstemp(dir=self.tmp_dir, prefix=ref.object_id + _TMP_SEPARATOR)
-            hasher = StreamHasher(ref.hash_name)
-            with os.fdopen(fd, "wb") as file:
-                writer = ObjectWriter(file, hasher)
+            try:
+                writer = ObjectWriter(fd, tmp_path, StreamHasher(ref.hash_name),
+                                      f"object {ref.object_id} into {self.directory}")
                 fill(writer)
-            digest = hasher.hexdigest()
+                digest = writer.hexdigest()
+            finally:
+                os.close(fd)
             if digest != ref.digest:
                 raise IntegrityError(f"object {ref.object_id} is corrupt: its bytes hash to {digest} "
                                      f"({ref.hash_name})")
@@ -161,8 +183,8 @@ class ObjectCache:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.replace(tmp_path, target)
         except OSError as exc:  # our own writes: the remote module turns its errors into RemoteError
-            reason = (exc.strerror or type(exc).__name__).lower()
-            raise CacheError(f"{reason} while caching object {ref.object_id} into {self.directory}") from exc
+            raise CacheError(f"{_reason(exc)} while caching object {ref.object_id} into "
+                             f"{self.directory}") from exc
         finally:
             if tmp_path is not None:
                 with contextlib.suppress(FileNotFoundError):
@@ -330,6 +352,10 @@ class ObjectCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             os.close(fd)
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or type(exc).__name__).lower()
 
 
 def _names(directory: str) -> list[str]:

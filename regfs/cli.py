@@ -23,6 +23,7 @@ from regfs.daemon import (
     unmount,
     wait_for_exit,
 )
+from regfs.dvcconfig import MAX_REQUESTS
 from regfs.errors import RegfsError, UsageError
 
 logger = logging.getLogger("regfs")
@@ -49,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="let other users read the mount (FUSE allow_other; modes still apply)")
     mount.add_argument("-o", dest="mount_options", action="append", default=[], metavar="OPTIONS",
                        help="mount(8)-style options: allow_other, cache_dir=DIR, refresh=SECONDS, remote=NAME, "
-                            "remote_config=NAME.KEY=VALUE, log_file=PATH, shared=group, cache_size=SIZE, debug")
+                            "remote_config=NAME.KEY=VALUE, log_file=PATH, shared=group, cache_size=SIZE, "
+                            "max_requests=N, stream, debug")
+    mount.add_argument("--max-requests", type=int, default=MAX_REQUESTS, metavar="N",
+                       help=f"requests to remotes in flight at once, at most (default {MAX_REQUESTS})")
+    mount.add_argument("--stream", action="store_true",
+                       help="serve a large object's bytes as they arrive, before its hash is checked at the "
+                            "end (a reader may get bytes that then prove wrong; see README)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     _add_cache_size(mount)
     _add_common(mount)
@@ -137,7 +144,9 @@ def _mount(args, argv: list[str]) -> int:
                            cache_dir=cache_dir, refresh=args.refresh, remote=args.remote,
                            remote_config=args.remote_config, log_file=args.log_file, debug=args.debug,
                            allow_other=args.allow_other, shared_group=args.shared == "group",
-                           cache_size=_cache_size(args))
+                           cache_size=_cache_size(args), max_requests=args.max_requests, stream=args.stream)
+    if args.max_requests < 1:
+        raise UsageError(f"--max-requests must be at least 1, not {args.max_requests}")
     overrides(args.remote, args.remote_config)  # reject malformed options before daemonizing
     if args.foreground:
         if args.log_file and args.ready_fd is None:  # a spawned daemon's stderr is its log already
@@ -152,7 +161,8 @@ _COMMANDS = ("mount", "umount", "ls", "status", "stats", "get", "cat", "prefetch
 _GENERIC_MOUNT_OPTIONS = {"rw", "ro", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev",
                           "nofail", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
                           "relatime", "async", "sync", "default_permissions"}
-_VALUED_MOUNT_OPTIONS = {"cache_dir", "refresh", "remote", "remote_config", "log_file", "shared", "cache_size"}
+_VALUED_MOUNT_OPTIONS = {"cache_dir", "refresh", "remote", "remote_config", "log_file", "shared",
+                         "cache_size", "max_requests"}
 
 
 def expand_mount_options(argv: list[str]) -> list[str]:
@@ -175,8 +185,8 @@ def _mount_option_args(text: str) -> list[str]:
             continue
         if key == "allow_other" and not has_value:
             args.append("--allow-other")
-        elif key == "debug" and not has_value:
-            args.append("--debug")
+        elif key in ("debug", "stream") and not has_value:
+            args.append("--" + key)
         elif key in _VALUED_MOUNT_OPTIONS and has_value:
             args += ["--" + key.replace("_", "-"), value]
         else:

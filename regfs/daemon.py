@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from regfs.address import Address, public_url
 from regfs.cachectl import Evictor, format_size
-from regfs.dvcconfig import Config, parse_override
+from regfs.dvcconfig import MAX_REQUESTS, Config, parse_override
 from regfs.errors import RegfsError, UsageError
 
 if TYPE_CHECKING:  # imported by the daemon only: `umount` and `status` start faster without them
@@ -48,6 +48,8 @@ class MountOptions:
     allow_other: bool = False
     shared_group: bool = False
     cache_size: int | None = None  # bytes; None: no cap
+    max_requests: int = MAX_REQUESTS  # requests to remotes in flight at once
+    stream: bool = False  # serve large objects' bytes as they arrive, verified at the end
 
 
 def overrides(remote: str | None, remote_config: list[str]) -> Config:
@@ -157,7 +159,7 @@ def serve(options: MountOptions, ready_fd: int | None = None) -> int:
     try:
         check_mountpoint(options.mountpoint)
         _hold_pid_file(options)
-        context = Context(options.cache_dir, options.shared_group)
+        context = Context(options.cache_dir, options.shared_group, options.max_requests, options.stream)
         registry = Registry(options.address.url, context,
                             overrides(options.remote, options.remote_config))
         removed = context.cache.remove_stale_downloads()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from regfs.errors import ConfigError
 
+MAX_REQUESTS = 16  # requests to remotes in flight per process, by default (remotes.RequestSlots)
 _PATH_OPTIONS = ("credentialpath", "configpath", "keyfile", "gdrive_user_credentials_file",
                  "gdrive_service_account_json_file_path")
 

@@ -4,6 +4,13 @@
 sizes do these objects have", answered from the cache, the size index, then the remote. The remote
 is opened lazily, so a registry whose remote is misconfigured still lists, and fails at read time
 with an error that names the object and the remote.
+
+`Fetcher` runs the downloads (regfs/download.py) of a process: one per object at a time, however
+many threads want it (they wait for the one running; other processes wait on the cache's lock).
+A download that knows the object's size (from the metafile, the size index, or the listing
+before it) makes no HEAD request: an object of one part is exactly one GET. `stream` starts a
+download in a thread of its own and gives it to streaming readers while it runs (`--stream`); an
+object whose streamed bytes failed verification is never streamed again by this process.
 """
 
 import logging
@@ -15,7 +22,8 @@ from collections.abc import Callable
 from cachetools import LRUCache
 
 from regfs.cache import ObjectCache, ObjectRef
-from regfs.errors import CacheError, IntegrityError, RemoteError
+from regfs.download import PART, Download
+from regfs.errors import CacheError, IntegrityError, RegfsError, RemoteError
 from regfs.manifest import Manifest, parse_manifest
 from regfs.remotes import Location, Remote
 from regfs.stats import Stats
@@ -26,7 +34,7 @@ MANIFEST_MEMO_BYTES = 128 << 20
 
 
 class Fetcher:
-    """Shared by every store of a process: the cache and the parsed-manifest memo."""
+    """Shared by every store of a process: the cache, the downloads running, the parsed-manifest memo."""
 
     def __init__(self, cache: ObjectCache, stats: Stats | None = None):
         self.cache = cache
@@ -34,37 +42,91 @@ class Fetcher:
         # Parsed manifests by object, up to MANIFEST_MEMO_BYTES of them (a 1M-entry one takes about 50 MB).
         self._manifests: LRUCache = LRUCache(maxsize=MANIFEST_MEMO_BYTES, getsizeof=lambda manifest: manifest.nbytes)
         self._manifest_lock = threading.Lock()
+        self._downloads: dict[ObjectRef, Download] = {}
+        self._unstreamable: LRUCache = LRUCache(maxsize=4096)  # objects whose streamed bytes were wrong
+        self._lock = threading.Lock()
 
-    def fetch(self, ref: ObjectRef, remote: Remote) -> str:
-        downloads = []
-
-        def fill(writer) -> None:
-            downloads.append(time.monotonic())
-            for chunk in remote.stream(ref.relpath):
-                writer.write(chunk)
-            downloads.append(writer.size)
-
+    def fetch(self, ref: ObjectRef, remote: Remote, size: int | None = None) -> str:
+        """The object's cache path, downloaded now (or by whoever is downloading it already)."""
         path = self.cache.find(ref)
         if path is not None:
             return path
+        if size is None:
+            size = self.cache.sizes.get_many([ref]).get(ref)
+        download, started = self._download(ref, size)
+        if not started:
+            return download.wait()
+        return self._run(download, remote)
+
+    def stream(self, ref: ObjectRef, remote: Remote, size: int) -> Download | None:
+        """The download of a large object not cached yet, started in its own thread if need be;
+        None when streaming would not help (small, cached) or must not (its bytes were wrong)."""
+        with self._lock:
+            if size <= PART or ref in self._unstreamable:
+                return None
+        if self.cache.find(ref) is not None:
+            return None
+        download, started = self._download(ref, size)
+        if started:
+            threading.Thread(target=self._run_streamed, args=(download, remote), daemon=True,
+                             name="regfs-stream").start()
+        return download
+
+    def _download(self, ref: ObjectRef, size: int | None) -> tuple[Download, bool]:
+        """The download of `ref` running in this process, or a new one (True: the caller runs it)."""
+        with self._lock:
+            download = self._downloads.get(ref)
+            if download is not None:
+                return download, False
+            download = self._downloads[ref] = Download(ref, size)
+            return download, True
+
+    def _run_streamed(self, download: Download, remote: Remote) -> None:
         try:
-            path = self.cache.install(ref, fill)
+            self._run(download, remote, streamed=True)
+        except RegfsError as exc:  # its readers get it (and the FUSE layer logs it), now or later
+            logger.debug("streamed download of %s failed: %s", download.ref.object_id, exc)
+
+    def _run(self, download: Download, remote: Remote, streamed: bool = False) -> str:
+        """Run a registered download to its end, whatever the end, and tell its waiters."""
+        ref, started, path, error = download.ref, time.monotonic(), None, None
+        try:
+            path = self.cache.install(ref, lambda writer: download.fill(writer, remote))
         except IntegrityError as exc:
             self.stats.remote_failed(remote.describe())
-            raise IntegrityError(f"{exc} (downloaded from {remote.describe()}); nothing was cached") from exc
+            error = IntegrityError(f"{exc} (downloaded from {remote.describe()}); nothing was cached")
+            if streamed:
+                self._streamed_wrong_bytes(ref, error)
+            raise error from exc
         except RemoteError as exc:
             self.stats.remote_failed(remote.describe())
-            raise type(exc)(f"cannot fetch object {ref.object_id}: {exc}") from exc
+            error = type(exc)(f"cannot fetch object {ref.object_id}: {exc}")
+            raise error from exc
         except CacheError as exc:
-            raise CacheError(f"{exc} from {remote.describe()}") from exc
-        if downloads:  # not when another thread or process downloaded it while we waited
-            started, size = downloads  # the size as downloaded: the object may be evicted already
+            error = CacheError(f"{exc} from {remote.describe()}")
+            raise error from exc
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._downloads[ref]
+            download.finish(path, error)
+        if download.fetched:  # not when another process downloaded it while we waited
             seconds = time.monotonic() - started
             self.cache.usage.set_origin(ref.relpath, remote.describe())
-            self.stats.fetched(remote.describe(), size, seconds)
-            logger.info("fetched %s (%d bytes) from %s in %.2fs", ref.object_id, size, remote.describe(),
-                        seconds)
+            self.stats.fetched(remote.describe(), download.size, seconds)
+            logger.info("fetched %s (%d bytes) from %s in %.2fs", ref.object_id, download.size,
+                        remote.describe(), seconds)
         return path
+
+    def _streamed_wrong_bytes(self, ref: ObjectRef, error: IntegrityError) -> None:
+        """One line about it, before any reader hears of it: readers that fail on it add none."""
+        with self._lock:
+            self._unstreamable[ref] = True
+        logger.error("%s; it was streamed to readers before its hash was checked, so they may have read "
+                     "wrong bytes: their later reads fail with EIO", error)
+        error.reported = True
 
     def install_empty(self, ref: ObjectRef) -> str:
         """Cache an object known to be empty without asking its remote; still verified by hash."""
@@ -121,14 +183,22 @@ class ObjectStore:
         remote is opened: the remote reads this mapping as it grows)."""
         self._locations[ref.relpath] = location
 
-    def path(self, ref: ObjectRef) -> str:
-        """A local path with the object's verified bytes, downloading them if needed."""
+    def path(self, ref: ObjectRef, size: int | None = None) -> str:
+        """A local path with the object's verified bytes, downloading them if needed (`size`, if
+        known, spares asking the remote for it)."""
         cached = self._fetcher.cache.find(ref)
         if cached is not None:
             self._fetcher.stats.add("cache_hits")
             return cached
         self._fetcher.stats.add("cache_misses")
-        return self._fetcher.fetch(ref, self.remote())
+        return self._fetcher.fetch(ref, self.remote(), size)
+
+    def stream(self, ref: ObjectRef, size: int) -> Download | None:
+        """The running download of a large object for streaming readers (see `Fetcher.stream`)."""
+        download = self._fetcher.stream(ref, self.remote(), size)
+        if download is not None:
+            self._fetcher.stats.add("cache_misses")
+        return download
 
     @property
     def cache(self) -> ObjectCache:

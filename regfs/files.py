@@ -19,16 +19,25 @@ Invariants:
 - A cache file removed between fetch and open (evicted by `regfs cache gc`, or by another daemon)
   is fetched again (`ObjectCache.open`); one already open keeps serving its bytes, as unlinked
   files do.
+
+Streaming (`stream`, the mount's `--stream`): the first read of a large object that is not cached
+opens the temporary file of its download (regfs/download.py) and every read waits for its own
+range only, not for the whole object. The paths read that way are remembered until the download
+ends: if its hash then proves wrong, the failure is remembered as any other, the descriptor is
+dropped, and `on_wrong_bytes(paths)` lets the FUSE layer drop the kernel's cached pages of those
+paths, so every later read reaches the daemon and fails with EIO.
 """
 
 import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from cachetools import LRUCache
 
 from regfs.cache import ObjectCache, ObjectRef
+from regfs.download import Download
 from regfs.errors import PathNotFound, RegfsError
 from regfs.tree import BlobNode, ImportedFileNode, Node, ObjectNode
 
@@ -36,10 +45,11 @@ from regfs.tree import BlobNode, ImportedFileNode, Node, ObjectNode
 class _Descriptor:
     """An open cache file, holding its object in the cache until closed."""
 
-    __slots__ = ("cache", "dropped", "fd", "ref", "used", "users")
+    __slots__ = ("cache", "download", "dropped", "fd", "ref", "used", "users")
 
-    def __init__(self, fd: int, cache: ObjectCache, ref: ObjectRef):
+    def __init__(self, fd: int, cache: ObjectCache, ref: ObjectRef, download: Download | None = None):
         self.fd, self.cache, self.ref = fd, cache, ref
+        self.download = download  # while it streams in: reads wait for their range
         self.users, self.dropped, self.used = 0, False, time.monotonic()
 
     def close(self) -> None:
@@ -49,20 +59,26 @@ class _Descriptor:
 
 class OpenFiles:
     def __init__(self, max_open: int = 512, idle: float = 5.0, failure_ttl: float = 1.0,
-                 blob_bytes: int = 64 << 20):
+                 blob_bytes: int = 64 << 20, stream: bool = False):
         self._max_open, self._idle, self._failure_ttl = max_open, idle, failure_ttl
+        self._stream = stream
+        self._streamed_paths: dict[ObjectRef, set[str]] = {}  # paths read of downloads in progress
+        self.on_wrong_bytes: Callable[[set[str]], None] | None = None
         self._open: OrderedDict[ObjectRef, _Descriptor] = OrderedDict()
         self._failures: dict[ObjectRef, tuple[float, RegfsError]] = {}
         self._blobs: LRUCache = LRUCache(maxsize=blob_bytes, getsizeof=len)
         self._lock = threading.Lock()
         self._sweeper: threading.Thread | None = None
 
-    def read(self, node: Node, size: int, offset: int) -> bytes:
+    def read(self, node: Node, size: int, offset: int, path: str | None = None) -> bytes:
+        """`size` bytes at `offset`; `path` is the one the kernel asked for (it may cache them)."""
         if isinstance(node, ImportedFileNode):
             node = node.target()
         if isinstance(node, ObjectNode):
             descriptor = self._acquire(node)
             try:
+                if descriptor.download is not None:
+                    self._wait_streamed(descriptor, offset, offset + size, path)
                 return os.pread(descriptor.fd, size, offset)
             finally:
                 self._release(descriptor)
@@ -126,19 +142,67 @@ class OpenFiles:
             fresh.close()
         return descriptor
 
-    @staticmethod
-    def _open_object(node: ObjectNode) -> _Descriptor:
-        store, ref = node.store, node.ref
+    def _open_object(self, node: ObjectNode) -> _Descriptor:
+        store, ref, size = node.store, node.ref, node.known_size
         store.cache.hold(ref)  # before the lookup: an eviction after it cannot pick the object
         try:
-            if node.known_size == 0:  # its bytes are known: no remote needed
+            descriptor = self._open_streamed(node) if self._stream and size else None
+            if descriptor is not None:
+                return descriptor
+            if size == 0:  # its bytes are known: no remote needed
                 fd = os.open(store.path_of_empty(ref), os.O_RDONLY)
             else:
-                fd = store.cache.open(ref, lambda: store.path(ref))
+                fd = store.cache.open(ref, lambda: store.path(ref, size))
         except BaseException:
             store.cache.release(ref)
             raise
         return _Descriptor(fd, store.cache, ref)
+
+    def _open_streamed(self, node: ObjectNode) -> _Descriptor | None:
+        """A descriptor of the download in progress of a large object, or None (cached, small,
+        cached meanwhile by another process, or not to be streamed)."""
+        download = node.store.stream(node.ref, node.known_size)
+        fd = download.reader() if download is not None else None
+        if fd is None:
+            return None
+        with self._lock:
+            if node.ref not in self._streamed_paths and download.when_finished(
+                    lambda error: self._streamed(download, error)):
+                self._streamed_paths[node.ref] = set()
+        return _Descriptor(fd, node.store.cache, node.ref, download)
+
+    def _wait_streamed(self, descriptor: _Descriptor, start: int, end: int, path: str | None) -> None:
+        with self._lock:  # before the wait: a failure after it finds the path (see `_streamed`)
+            paths = self._streamed_paths.get(descriptor.ref)
+            if paths is not None and path is not None:
+                paths.add(path)
+        try:
+            descriptor.download.wait_for(start, end)
+        except RegfsError as exc:
+            with self._lock:
+                self._forget_streamed(descriptor.download, exc)
+            raise
+
+    def _streamed(self, download: Download, error: BaseException | None) -> None:
+        """The end of a download that readers read while it ran (in a thread of its own): after a
+        failure, its unverified bytes must leave the kernel's page cache too."""
+        with self._lock:
+            paths = self._streamed_paths.pop(download.ref, set())
+            if error is None:
+                return
+            self._forget_streamed(download, error)
+        if paths and self.on_wrong_bytes is not None:
+            self.on_wrong_bytes(paths)
+
+    def _forget_streamed(self, download: Download, error: BaseException) -> None:
+        """Remember the failure and drop the descriptor of the failed download (lock held)."""
+        ref = download.ref
+        if isinstance(error, RegfsError):
+            self._failures[ref] = (time.monotonic(), error)
+        descriptor = self._open.get(ref)
+        if descriptor is not None and descriptor.download is download:
+            del self._open[ref]
+            self._drop(descriptor)
 
     def _release(self, descriptor: _Descriptor) -> None:
         with self._lock:

@@ -20,6 +20,13 @@ symlinks change: after each refresh, the names that changed, appeared or were mi
 are invalidated with fuse_lowlevel_notify_inval_entry(3), so they never outlive the refresh. `RegfsError`s carry their errno; failures that a reader sees as EIO are logged once here,
 with the path, since the core's message already names the object and the remote. Every write
 operation is EROFS, and the mount is also made with `ro` so the kernel refuses most of them first.
+
+Threads: libfuse runs each request in one of its worker threads, at most `MAX_THREADS` of them
+(`-o max_threads`, libfuse >= 3.12; its default of 10 would let ten readers waiting for downloads
+hold every thread, and a read of a cached file would wait behind them). A read waits only for
+its own object's download, or with `--stream` for its own range of it. After a streamed download
+failed, the kernel's cached pages of the paths read from it are dropped with
+fuse_invalidate_path(3), from the thread that saw the failure, never from a request's.
 """
 
 import ctypes
@@ -58,6 +65,7 @@ MAX_BACKGROUND = 64
 # it before answering INIT) and the max_readahead of INIT's answer (set here). At 128 KiB a first
 # read of a big file costs a daemon round trip per 128 KiB: 1 MiB gave about 1.5x its throughput.
 READAHEAD_KIB = 1024
+MAX_THREADS = 64
 _ROOT_INODE = 1  # FUSE_ROOT_ID: the high-level API numbers the root 1, as the kernel does
 
 
@@ -106,11 +114,13 @@ class Operations(mfusepy.Operations):
             conn.max_readahead = max(conn.max_readahead, READAHEAD_KIB * 1024)
         self._kernel.attach()
         self._view.on_root_changed = self._kernel.forget
+        self._view.registry.context.files.on_wrong_bytes = self._kernel.forget_pages
         if self._on_ready is not None:
             self._on_ready()
 
     def destroy(self, path: str) -> None:
         self._view.on_root_changed = None
+        self._view.registry.context.files.on_wrong_bytes = None
         self._kernel.detach()
 
     @_translated
@@ -245,17 +255,31 @@ class _KernelCache:
     """
 
     def __init__(self):
+        self._fuse: int | None = None
         self._session: int | None = None
         self._lock = threading.Lock()
 
     def attach(self) -> None:
         fuse_pointer = mfusepy._libfuse.fuse_get_context().contents.fuse
         with self._lock:
+            self._fuse = fuse_pointer
             self._session = _libfuse_session(fuse_pointer)
 
     def detach(self) -> None:
         with self._lock:
-            self._session = None
+            self._fuse = self._session = None
+
+    def forget_pages(self, paths: set[str]) -> None:
+        """Drop the kernel's cached pages and attributes of these paths (never call this from a
+        request's thread: the kernel waits for reads of those pages in flight)."""
+        with self._lock:
+            if self._fuse is None:
+                return
+            for path in paths:
+                status = _invalidate_path(self._fuse, os.fsencode(path))
+                if status not in (0, -errno.ENOENT):  # ENOENT: libfuse does not know the path (any more)
+                    logger.warning("cannot drop the kernel's cached pages of %s: %s", path,
+                                   os.strerror(-status))
 
     def forget(self, names: set[str]) -> None:
         with self._lock:
@@ -277,6 +301,7 @@ def _libfuse_function(name: str, restype, *argtypes):
 
 
 _libfuse_session = _libfuse_function("fuse_get_session", ctypes.c_void_p, ctypes.c_void_p)
+_invalidate_path = _libfuse_function("fuse_invalidate_path", ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p)
 _inval_entry = _libfuse_function("fuse_lowlevel_notify_inval_entry", ctypes.c_int, ctypes.c_void_p,
                                  ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t)
 _inval_inode = _libfuse_function("fuse_lowlevel_notify_inval_inode", ctypes.c_int, ctypes.c_void_p,
@@ -292,4 +317,5 @@ def mount(view: MountView, mountpoint: str, fsname: str, on_ready: Callable[[], 
     """
     safe_name = "".join(char if char.isalnum() or char in "/:._-@" else "_" for char in fsname)
     _Fuse(Operations(view, on_ready), mountpoint, foreground=True, nothreads=False, debug=debug, ro=True,
-          default_permissions=True, allow_other=allow_other, fsname=safe_name, subtype="regfs")
+          default_permissions=True, allow_other=allow_other, fsname=safe_name, subtype="regfs",
+          max_threads=MAX_THREADS)

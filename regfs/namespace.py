@@ -194,7 +194,7 @@ class MountView:
     def read(self, path: str, size: int, offset: int) -> bytes:
         """`size` bytes at `offset` of the file at `path`; fetches its object on first use."""
         node, _ = self.resolve(path)
-        return self.registry.context.files.read(node, size, offset)
+        return self.registry.context.files.read(node, size, offset, path)
 
     def fetch(self, path: str) -> dict:
         """Make the regular file at `path` local without reading it (`regfs prefetch`): its object
@@ -213,7 +213,8 @@ class MountView:
         if not isinstance(node, ObjectNode):
             raise PathNotFound(f"not a regular file: {path}")
         cached = self.registry.context.cache.find(node.ref) is not None
-        local = node.store.path_of_empty(node.ref) if node.known_size == 0 else node.store.path(node.ref)
+        local = node.store.path_of_empty(node.ref) if node.known_size == 0 \
+            else node.store.path(node.ref, node.known_size)
         return {"size": os.path.getsize(local), "object": f"{node.ref.hash_name}:{node.ref.object_id}",
                 "cached": cached}
 

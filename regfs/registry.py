@@ -1,13 +1,14 @@
 """A registry: one Git URL, its mirror, and the trees of its commits with their object stores.
 
-`Context` holds what every registry of a process shares: the object cache, the fetcher, the
-user's DVC config levels, opened remotes, and the registries that imports lead to. The config of
-a commit is its committed `.dvc/config` (a sub-repository's own, for its outputs) over the user's
-system/global levels, under the overrides given on the command line (or recorded by an import);
-relative local remote URLs resolve against the repository's `.dvc/`, which only exists for a
-registry given as a local directory. Such a registry without a default remote reads its objects
-from its own cache, as DVC does when it opens a local repository. Imports are followed into their
-sources, imports of imports too; a cycle is an error, not a hang.
+`Context` holds what every registry of a process shares: the object cache, the fetcher, the open
+files, the cap on requests in flight, the user's DVC config levels, opened remotes, and the
+registries that imports lead to. The config of a commit is its committed `.dvc/config` (a
+sub-repository's own, for its outputs) over the user's system/global levels, under the overrides
+given on the command line (or recorded by an import); relative local remote URLs resolve against
+the repository's `.dvc/`, which only exists for a registry given as a local directory. Such a
+registry without a default remote reads its objects from its own cache, as DVC does when it opens
+a local repository. Imports are followed into their sources, imports of imports too; a cycle is an
+error, not a hang.
 """
 
 import logging
@@ -23,7 +24,15 @@ from cachetools import LRUCache
 
 from regfs.address import is_local_url, local_path, public_url
 from regfs.cache import ObjectCache, ObjectRef
-from regfs.dvcconfig import Config, RemoteSpec, absolutize, config_from_mapping, parse_config, user_levels
+from regfs.dvcconfig import (
+    MAX_REQUESTS,
+    Config,
+    RemoteSpec,
+    absolutize,
+    config_from_mapping,
+    parse_config,
+    user_levels,
+)
 from regfs.dvcignore import DvcIgnore
 from regfs.dvcmeta import CloudEntry, ImportSource, Output
 from regfs.errors import (
@@ -38,7 +47,7 @@ from regfs.errors import (
 from regfs.fetch import Fetcher, ObjectStore
 from regfs.files import OpenFiles
 from regfs.git import Mirror
-from regfs.remotes import Location, Remote, open_remote
+from regfs.remotes import Location, Remote, RequestSlots, open_remote
 from regfs.tree import (
     DirNode,
     ImportedFileNode,
@@ -76,11 +85,13 @@ class Snapshot:
 
 
 class Context:
-    def __init__(self, cache_dir: str, shared_group: bool = False):
+    def __init__(self, cache_dir: str, shared_group: bool = False, max_requests: int = MAX_REQUESTS,
+                 stream: bool = False):
         self.shared_group = shared_group
         self.cache = ObjectCache(cache_dir, shared_group)
         self.fetcher = Fetcher(self.cache)
-        self.files = OpenFiles()
+        self.files = OpenFiles(stream=stream)
+        self.request_slots = RequestSlots(max_requests)
         self.mirrors_dir = os.path.join(self.cache.state_dir, "git")
         self.user_config = Config()
         for level in user_levels():
@@ -93,7 +104,7 @@ class Context:
         key = (spec.name, spec.url, repr(sorted(spec.options.items())))
         with self._lock:
             if key not in self._remotes:
-                self._remotes[key] = open_remote(spec)
+                self._remotes[key] = open_remote(spec, self.request_slots)
             return self._remotes[key]
 
     def registry(self, url: str, overrides: Config | None = None) -> "Registry":

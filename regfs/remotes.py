@@ -1,28 +1,38 @@
 """Remotes: where objects are downloaded from, with bounded retries (requests are in backends.py).
 
 A `Remote` answers three questions about objects by their relative path (`files/md5/ab/cd...`):
-stream its bytes, and its size, one by one or in bulk. Supported: local directories, S3, HTTP(S),
-SSH/SFTP, Azure Blob and GCS, configured with DVC's option names. Errors come out as `ObjectMissing` or `RemoteError`
-naming the remote and the last reason; credentials never appear in them: `url` and `describe()`
-show the URL without its `user:password@`, and every reason is scrubbed of the remote's secrets.
+their bytes in a range, their size, one by one or in bulk. Supported: local directories, S3,
+HTTP(S), SSH/SFTP, Azure Blob and GCS, configured with DVC's option names. Errors come out as
+`ObjectMissing` or `RemoteError` naming the remote and the last reason; credentials never appear
+in them: `url` and `describe()` show the URL without its `user:password@`, and every reason is
+scrubbed of the remote's secrets.
 
-Retries. A download learns the object's size first (HEAD), then asks for it in ranges of at most
-`CHUNK` bytes; a failed request is repeated from the first byte not yet delivered, never from the
-start, and a body shorter than its range is a failed request (retried), never a short object and
-never a corrupt one. Transient failures are retried: 5xx answers (S3's SlowDown and InternalError
-included), 408 and 429, refused or reset connections, short bodies, timeouts. A missing object
-(404, NoSuchKey) is never retried; a refusal (401, 403) and any other answer fail at once. The
-budget of one object (each a remote option, `--remote-config NAME.read_timeout=5`):
+Requests. Every request of every remote of a process takes one of the process's `RequestSlots`
+(`--max-requests`, default 16) while it runs, so no more than that many are in flight at once;
+waiting for a slot, or between retries, holds none. A remote's connections are reused (one
+aiohttp session or s3fs client per remote).
+
+Retries. `read` asks for a range of an object (a download asks for parts of at most `CHUNK`
+bytes, see regfs/download.py, and knows the object's size beforehand); a failed request is repeated
+from the first byte not yet delivered, never from the start of the range, and a body that ends
+before its range does is a failed request (retried), never a short object and never a corrupt one
+(if the remote's object is shorter than the range, the read fails at once with IntegrityError).
+Transient failures are retried: 5xx answers (S3's SlowDown and InternalError included), 408 and
+429, refused or reset connections, short bodies, timeouts. A missing object (404, NoSuchKey) is
+never retried; a refusal (401, 403) and any other answer fail at once. The budget of one range
+(each a remote option, `--remote-config NAME.read_timeout=5`):
 
 - `connect_timeout` (default 10 s) bounds connecting; `read_timeout` (default 30 s) the silence
   within a request, waiting for its headers or for more of its body: a stall.
 - After a failure regfs waits 0.25-0.5 s, then 0.5-1, 1-2, 2-4, 4-8 s (exponential, jittered so
   that readers failed together retry apart). It gives up after `retries` (default 5) retries in a
-  row that delivered nothing, or when the next retry would start more than `retry_timeout`
-  (default 60 s) after the download started or last delivered a range.
-- So an object on a dead or stalled remote fails within retry_timeout + connect_timeout +
-  read_timeout (100 s by default), on a remote that refuses quickly within about 16 s; a remote
-  that keeps delivering ranges, however slowly, is never cut off.
+  row that failed (a request cut off after some bytes failed too, though its retry asks only for
+  the rest), or when the next retry would start more than `retry_timeout` (default 60 s) after
+  the range's first request or the last bytes that arrived.
+- So a range on a dead or stalled remote fails within retry_timeout + connect_timeout +
+  read_timeout (100 s by default), on a remote that refuses quickly within about 16 s; a request
+  that keeps receiving bytes, however slowly, is never cut off. The parts of one download run at
+  the same time, each with its own budget: the first part that fails fails the download.
 
 `retries` and `retry_timeout` are regfs's own options (DVC has no such keys). Sizes (HEAD and
 listing requests) get the same budget per request.
@@ -34,21 +44,21 @@ go to that path and version; everything else about them, their names in the cach
 as for any object.
 """
 
-import functools
+import contextlib
 import logging
 import posixpath
 import random
 import re
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 from regfs import backends
 from regfs.address import public_url
-from regfs.backends import CHUNK
-from regfs.dvcconfig import RemoteSpec
-from regfs.errors import ConfigError, ObjectMissing, RemoteError
+from regfs.dvcconfig import MAX_REQUESTS, RemoteSpec
+from regfs.errors import ConfigError, IntegrityError, ObjectMissing, RemoteError
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +72,22 @@ class Location:
     version_id: str | None = None
 
 
+class RequestSlots:
+    """The process-wide cap on requests in flight: `with slots:` around each request."""
+
+    def __init__(self, limit: int = MAX_REQUESTS):
+        if limit < 1:
+            raise ConfigError(f"the number of requests in flight must be at least 1, not {limit}")
+        self.limit = limit
+        self._semaphore = threading.BoundedSemaphore(limit)
+
+    def __enter__(self) -> None:
+        self._semaphore.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self._semaphore.release()
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     retries: int = 5
@@ -73,14 +99,18 @@ class RetryPolicy:
 
 
 class _Attempts:
-    """The retry budget of one object: failures since the last delivered range, and since when."""
+    """The retry budget of one range: failed requests in a row, and when bytes last arrived."""
 
     def __init__(self, policy: RetryPolicy):
         self._policy = policy
         self.failures = 0
         self._since = self.started = time.monotonic()
 
-    def progressed(self) -> None:
+    def delivered(self) -> None:
+        """Bytes arrived: the retry timeout counts from now."""
+        self._since = time.monotonic()
+
+    def succeeded(self) -> None:
         self.failures, self._since = 0, time.monotonic()
 
     def next_delay(self) -> float | None:
@@ -96,12 +126,14 @@ class _Attempts:
 
 
 class Remote:
-    def __init__(self, spec: RemoteSpec, backend: backends.Backend, root: str, policy: RetryPolicy):
+    def __init__(self, spec: RemoteSpec, backend: backends.Backend, root: str, policy: RetryPolicy,
+                 slots: RequestSlots):
         self.name = spec.name
         self.url = public_url(spec.url)
         self._backend = backend
         self._root = root.rstrip("/")
         self._policy = policy
+        self._slots = slots
         values = backends.option_secrets(spec.options) + backends.url_credentials(spec.url)
         self._secrets = sorted({str(value) for value in values if value}, key=len, reverse=True)
         self._located: list[Mapping[str, Location]] = []
@@ -135,26 +167,41 @@ class Remote:
         version = f"?version_id={location.version_id}" if location.version_id else ""
         return self.url.rstrip("/") + "/" + location.path + version
 
-    def stream(self, relpath: str) -> Iterator[bytes]:
-        """The object's bytes in chunks; raises ObjectMissing or RemoteError."""
-        path, attempts = self._path(relpath), _Attempts(self._policy)
-        size = self._retrying(attempts, relpath, lambda: self._backend.size(path))
+    def size(self, relpath: str) -> int:
+        """The object's size (one HEAD or stat); raises ObjectMissing or RemoteError."""
+        size = self._size(relpath).get(relpath)
         if size is None:
             raise ObjectMissing(f"object {relpath} is missing on {self.describe()}")
-        offset = 0
-        while offset < size:
-            end = min(offset + CHUNK, size)
-            chunk = self._retrying(attempts, relpath, functools.partial(self._read_range, path, offset, end))
-            offset += len(chunk)
-            yield chunk
+        return size
 
-    def _read_range(self, path: str, start: int, end: int) -> bytes:
-        data = self._backend.read(path, start, end)
-        if len(data) < end - start:
-            raise backends.ShortBody(f"short body: {len(data)} of {end - start} bytes at offset {start}")
-        if len(data) > end - start:
-            raise backends.Fault(f"{len(data)} bytes for a range of {end - start} at offset {start}")
-        return data
+    def read(self, relpath: str, start: int, end: int, write: Callable[[int, bytes], None]) -> None:
+        """Bytes `start` to `end` of the object, handed to `write(offset, piece)` in order as they
+        arrive; raises ObjectMissing, RemoteError, or IntegrityError if the object is shorter.
+        What `write` raises ends the read at once."""
+        path, attempts, position = self._path(relpath), _Attempts(self._policy), start
+
+        def request() -> None:
+            nonlocal position
+            with self._slots, contextlib.closing(self._backend.stream(path, position, end)) as pieces:
+                for piece in pieces:
+                    if len(piece) > end - position:
+                        raise backends.Fault(f"{len(piece)} bytes for the {end - position} left of a range "
+                                             f"at offset {position}")
+                    write(position, piece)
+                    position += len(piece)
+                    attempts.delivered()
+                if position < end:
+                    self._check_length(path, relpath, end)
+                    raise backends.ShortBody(f"short body: it ended at offset {position} of {end}")
+
+        self._retrying(attempts, relpath, request)
+
+    def _check_length(self, path: str, relpath: str, end: int) -> None:
+        """After a body that ended early without an error: is the object itself that short?"""
+        size = self._backend.size(path)
+        if size is not None and size < end:
+            raise IntegrityError(f"object {relpath} is {size} bytes on {self.describe()}, shorter than the "
+                                 f"{end} its metafile records")
 
     def _retrying(self, attempts: _Attempts, relpath: str, request: Callable):
         """`request()` until it succeeds or the object's retry budget is spent."""
@@ -177,7 +224,7 @@ class Remote:
                                self.describe(), reason, attempts.failures, self._policy.retries, delay)
                 time.sleep(delay)
             else:
-                attempts.progressed()
+                attempts.succeeded()
                 return result
 
     def _reason(self, exc: BaseException) -> str:
@@ -209,20 +256,26 @@ class Remote:
 
     def _size(self, relpath: str) -> dict[str, int]:
         path = self._path(relpath)
-        size = self._retrying(_Attempts(self._policy), relpath, lambda: self._backend.size(path))
+        size = self._retrying(_Attempts(self._policy), relpath, lambda: self._held(self._backend.size, path))
         return {} if size is None else {relpath: size}
 
     def _list_sizes(self, reldir: str) -> dict[str, int]:
         path = self._path(reldir)
-        entries = self._retrying(_Attempts(self._policy), reldir + "/", lambda: self._backend.list(path))
+        entries = self._retrying(_Attempts(self._policy), reldir + "/",
+                                 lambda: self._held(self._backend.list, path))
         prefix = self._root + "/"
         return {name.removeprefix(prefix): size for name, size in entries}
 
+    def _held(self, request: Callable, *args):
+        with self._slots:
+            return request(*args)
 
-def open_remote(spec: RemoteSpec) -> Remote:
+
+def open_remote(spec: RemoteSpec, slots: RequestSlots | None = None) -> Remote:
+    """The remote `spec` describes; its requests take `slots` (the process's, or its own)."""
     policy = _policy(spec)
     backend, root = backends.open_backend(spec, policy.connect_timeout, policy.read_timeout)
-    return Remote(spec, backend, root, policy)
+    return Remote(spec, backend, root, policy, slots or RequestSlots())
 
 
 def _policy(spec: RemoteSpec) -> RetryPolicy:

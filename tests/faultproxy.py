@@ -16,20 +16,25 @@ Body faults match GET requests, status faults GET and HEAD (or `methods=`/`match
 only fakes failures: every byte it sends is the upstream's, in order. `requests` records what was
 asked (method, path, Range header) and which fault, if any, answered. Request bodies are
 forwarded when they come with a Content-Length (chunked request bodies are not supported).
+`max_in_flight` is the most requests it was answering at once (since `requests` was cleared by
+`reset()`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
-from tests.httpserver import BackgroundServer
+from tests.httpserver import BackgroundServer, HTTPRemoteServer
+from tests.registry import Registry, Tools
 
 STATUS_KINDS = ("500", "503", "slowdown")
 BODY_KINDS = ("reset", "truncate", "stall")
@@ -73,9 +78,16 @@ class FaultProxy(BackgroundServer):
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port)
         self.requests: list[ProxyRequest] = []
+        self.in_flight = self.max_in_flight = 0
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
         super().__init__(_handler_for(self))
+
+    def reset(self) -> None:
+        """Forget the requests seen and the most in flight (faults stay)."""
+        with self._lock:
+            self.requests.clear()
+            self.max_in_flight = self.in_flight
 
     def stop(self) -> None:
         self.clear()  # stalled handlers return
@@ -102,10 +114,16 @@ class FaultProxy(BackgroundServer):
         with self._lock:
             return [r for r in self.requests if r.fault is not None and (kind is None or r.fault == kind)]
 
+    def _answered(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
     def _take(self, request: ProxyRequest) -> _Fault | None:
         """Record `request` and the fault that answers it, if any (one use of that fault)."""
         with self._lock:
             self.requests.append(request)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
             for fault in self._faults:
                 if request.method in fault.methods and (fault.match is None or fault.match(request)):
                     if fault.remaining is not None:
@@ -117,6 +135,26 @@ class FaultProxy(BackgroundServer):
         return None
 
 
+@contextlib.contextmanager
+def registry_behind_proxy(tools: Tools, parent: Path, fill: Callable[[Registry], None]
+                          ) -> Iterator[tuple[Registry, FaultProxy]]:
+    """A registry that `fill` writes and `dvc add`s, its objects pushed to `parent/store`, which an
+    HTTP server serves behind a proxy. Its committed default remote `web` is the server itself, so
+    `dvc pull` (the oracle) reads over HTTP; mount with `--remote-config web.url=PROXY/store`."""
+    server = HTTPRemoteServer(parent).start()
+    proxy = FaultProxy(server.url).start()
+    try:
+        registry = Registry.create(tools, parent / "registry", remotes={"store": "../store"})
+        registry.dvc("remote", "add", "-d", "web", f"{server.url}/store")
+        fill(registry)
+        registry.push("-r", "store")
+        registry.commit("data behind HTTP")
+        yield registry, proxy
+    finally:
+        proxy.stop()
+        server.stop()
+
+
 def _handler_for(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -125,6 +163,20 @@ def _handler_for(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None
             fault = proxy._take(ProxyRequest(self.command, self.path, self.headers.get("Range")))
+            self._in_flight = True
+            try:
+                self._answer(fault, body)
+            finally:
+                self._done()
+
+        def _done(self) -> None:
+            """The request stops counting as in flight, once: just before its last byte goes out
+            (the client may send its next request as soon as that byte is in)."""
+            if self._in_flight:
+                self._in_flight = False
+                proxy._answered()
+
+        def _answer(self, fault: _Fault | None, body: bytes | None) -> None:
             if fault is not None and fault.kind in STATUS_KINDS:
                 self._fake_status(fault.kind)
                 return
@@ -174,17 +226,22 @@ def _handler_for(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
             self._send(status, None, [("Content-Type", content_type)], body)
 
         def _send(self, status: int, reason: str | None, headers: list[tuple[str, str]], data: bytes) -> None:
-            self._send_head(status, reason, headers, len(data))
-            if self.command != "HEAD":
-                self.wfile.write(data)
+            with_body = self.command != "HEAD" and data
+            self._send_head(status, reason, headers, len(data), last=not with_body)
+            if with_body:
+                self.wfile.write(data[:-1])
+                self._done()
+                self.wfile.write(data[-1:])
 
         def _send_head(self, status: int, reason: str | None, headers: list[tuple[str, str]],
-                       length: int) -> None:
+                       length: int, last: bool = False) -> None:
             self.send_response_only(status, reason)
             for name, value in headers:
                 self.send_header(name, value)
             if self.command != "HEAD" or not any(name.lower() == "content-length" for name, _ in headers):
                 self.send_header("Content-Length", str(length))
+            if last:
+                self._done()
             self.end_headers()
 
         def log_message(self, format: str, *args) -> None:

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from tests.registry import PROJECT_ROOT
 
 CLI_TIMEOUT = 180
@@ -96,6 +98,39 @@ def regfs_processes() -> dict[int, list[str]]:
         if state != "Z" and any("regfs" in arg for arg in argv):
             found[int(name)] = argv
     return found
+
+
+@dataclass
+class Outcome:
+    data: bytes | None
+    errno: int | None
+
+
+_READER = """
+import os, sys
+try:
+    with open(sys.argv[1], "rb", buffering=0) as file:
+        size = int(sys.argv[3])
+        data = file.read() if size < 0 else os.pread(file.fileno(), size, int(sys.argv[2]))
+except OSError as error:
+    print(error.errno)
+    sys.exit(3)
+sys.stdout.buffer.write(data)
+"""
+
+
+def read_in_child(path: Path, timeout: float, offset: int = 0, size: int = -1) -> Outcome:
+    """Read a file (all of it, or `size` bytes at `offset`) in a child process, which is killed if
+    it takes longer than `timeout` (a hung FUSE read would otherwise hang the test)."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _READER, str(path), str(offset), str(size)],
+                              capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"reading {path} hung for more than {timeout} s")
+    if done.returncode == 3:
+        return Outcome(None, int(done.stdout))
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    return Outcome(done.stdout, None)
 
 
 def is_mounted(path: Path) -> bool:
