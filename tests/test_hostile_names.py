@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,19 +226,25 @@ def test_refs_that_cannot_be_paths_are_left_out_with_a_warning(hostile, mount, n
             f"no warning names the ref {name!r} left out:\n{mounted.log_tail()}"
 
 
-def test_url_at_a_hostile_name_pins_that_commit(hostile, mount, oracle, no_canary):
+def test_url_at_a_hostile_name_pins_that_commit(hostile, mount, oracle, no_canary, tmp_path):
+    """`regfs mount URL@NAME` for every hostile name (three mounts at a time, one cache)."""
     names = [*PINNED_BY_MOUNT, CANARY_COMMANDS[1].format(canary=hostile.canaries[1]), hostile.commits[0][:12],
              hostile.commits[0]]
-    failures = []
-    for name in names:
-        commit_sha = hostile.pinnable[name]
-        mounted = mount(f"{hostile.path}@{name}", check=False)
-        if mounted.result.returncode != 0 or not os.path.ismount(mounted.path):
-            failures.append(f"{name!r}: regfs mount failed: {mounted.result}")
-            continue
-        if snapshot(mounted.path) != oracle.tree(hostile.path, commit_sha):
-            failures.append(f"{name!r}: the pinned tree is not that of {commit_sha[:10]}")
-        mounted.unmount()
+    expected = {name: oracle.tree(hostile.path, hostile.pinnable[name]) for name in names}
+
+    def check(name: str) -> str | None:
+        mounted = mount(f"{hostile.path}@{name}", check=False, cache_dir=tmp_path / "shared-cache")
+        try:
+            if mounted.result.returncode != 0 or not os.path.ismount(mounted.path):
+                return f"{name!r}: regfs mount failed: {mounted.result}"
+            if snapshot(mounted.path) != expected[name]:
+                return f"{name!r}: the pinned tree is not that of {hostile.pinnable[name][:10]}"
+            return None
+        finally:
+            mounted.unmount()
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        failures = [failure for failure in pool.map(check, names) if failure]
     assert not failures, "pinned mounts of hostile names:\n" + "\n".join(failures)
 
 
