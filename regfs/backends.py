@@ -140,7 +140,11 @@ class FsspecBackend(Backend):
     def read(self, path: str | Version, start: int, end: int) -> bytes:
         with self._translated():
             fs, target, kwargs = self._target(path)
-            return fs.cat_file(target, start=start, end=end, **kwargs)
+            try:
+                return fs.cat_file(target, start=start, end=end, **kwargs)
+            except FileNotFoundError:  # a read of a known size asks no HEAD first: check here
+                self._check_container(fs, target)
+                raise
 
     def list(self, path: str) -> list[tuple[str, int]]:
         with self._translated():

@@ -114,7 +114,8 @@ stages:
       size: 5
       cloud: {r: {etag: e, version_id: v1}}
 """
-    (made,) = parse_pipeline(None, lock, "dvc.lock").outputs
+    pipeline = "stages:\n  make:\n    cmd: make\n    outs:\n    - made.txt\n"
+    (made,) = parse_pipeline(pipeline, lock, "dvc.lock").outputs
     assert made.versions == (("r", "v1"),)
 
 
