@@ -180,8 +180,11 @@ class ObjectCache:
                 raise IntegrityError(f"object {ref.object_id} is corrupt: its bytes hash to {digest} "
                                      f"({ref.hash_name})")
             os.chmod(tmp_path, 0o444)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.replace(tmp_path, target)
+            try:
+                os.replace(tmp_path, target)
+            except FileNotFoundError:  # the first object of its prefix directory
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.replace(tmp_path, target)
         except OSError as exc:  # our own writes: the remote module turns its errors into RemoteError
             raise CacheError(f"{_reason(exc)} while caching object {ref.object_id} into "
                              f"{self.directory}") from exc

@@ -2,13 +2,13 @@
 place, hashed in order; and the ranges that streaming readers wait for.
 
 An object of at most `PART` bytes is one request, made by the calling thread. A larger one is cut
-into parts of `PART` bytes, fetched by up to `WINDOW` threads at once, lowest offset first (the
-first part alone until its first bytes arrive, `HEAD_START` seconds at most, so that they are not
-slowed by the others); each part's pieces are written at their offsets (pwrite) as they arrive, and
-the calling thread hashes the contiguous prefix of written bytes as it grows (reading it back from
-the page cache), so the memory a download needs is its pieces in flight, whatever the object's
-size. Every part is one `Remote.read`, with its own retry budget; the first part that fails fails
-the download, and the others stop at their next piece.
+into parts of `PART` bytes, fetched by up to `WINDOW` threads at once, lowest offset first (for
+streaming readers, the first part alone until its first bytes arrive, `HEAD_START` seconds at most,
+so that they are not slowed by the others); each part's pieces are written at their offsets
+(pwrite) as they arrive, and the calling thread hashes the contiguous prefix of written bytes as it
+grows (reading it back from the page cache), so the memory a download needs is its pieces in
+flight, whatever the object's size. Every part is one `Remote.read`, with its own retry budget; the
+first part that fails fails the download, and the others stop at their next piece.
 
 Streaming readers (`--stream`) read the temporary file through their own descriptor (`reader`)
 once `wait_for` says their range is there: the parts that hold a range someone waits for are
@@ -27,7 +27,7 @@ from regfs.remotes import Remote
 
 PART = CHUNK  # bytes per ranged request of a large object
 WINDOW = 8  # parts of one object in flight at once: half the default cap on requests
-HEAD_START = 0.1  # seconds the first part has alone, at most, before the others start
+HEAD_START = 0.5  # seconds the first part of a streamed download has alone, at most
 
 
 class _Stopped(Exception):
@@ -48,8 +48,8 @@ class _Part:
 class Download:
     """One object on its way into the cache, shared by every thread of this process that wants it."""
 
-    def __init__(self, ref: ObjectRef, size: int | None):
-        self.ref, self.size = ref, size
+    def __init__(self, ref: ObjectRef, size: int | None, streamed: bool = False):
+        self.ref, self.size, self.streamed = ref, size, streamed
         self.fetched = False  # bytes came from the remote (not: another process cached it meanwhile)
         self._changed = threading.Condition()
         self._parts: list[_Part] = []
@@ -76,7 +76,7 @@ class Download:
         for number in range(min(WINDOW, len(self._pending))):
             threading.Thread(target=self._work, args=(writer, remote, os.dup(writer.fd)), daemon=True,
                              name="regfs-part").start()
-            if number == 0:  # the bytes a streaming reader waits for first come unhindered
+            if number == 0 and self.streamed:  # the bytes a reader waits for first come unhindered
                 with self._changed:
                     self._changed.wait_for(lambda: self._stop or any(part.delivered for part in self._parts),
                                            HEAD_START)

@@ -66,19 +66,19 @@ class Fetcher:
                 return None
         if self.cache.find(ref) is not None:
             return None
-        download, started = self._download(ref, size)
+        download, started = self._download(ref, size, streamed=True)
         if started:
             threading.Thread(target=self._run_streamed, args=(download, remote), daemon=True,
                              name="regfs-stream").start()
         return download
 
-    def _download(self, ref: ObjectRef, size: int | None) -> tuple[Download, bool]:
+    def _download(self, ref: ObjectRef, size: int | None, streamed: bool = False) -> tuple[Download, bool]:
         """The download of `ref` running in this process, or a new one (True: the caller runs it)."""
         with self._lock:
             download = self._downloads.get(ref)
             if download is not None:
                 return download, False
-            download = self._downloads[ref] = Download(ref, size)
+            download = self._downloads[ref] = Download(ref, size, streamed)
             return download, True
 
     def _run_streamed(self, download: Download, remote: Remote) -> None:
