@@ -2,9 +2,10 @@
 
 A `Remote` answers three questions about objects by their relative path (`files/md5/ab/cd...`):
 stream its bytes, and its size, one by one or in bulk. Supported: local directories, S3, HTTP(S),
-SSH/SFTP, Azure Blob and GCS, configured with DVC's option names. Errors come out as `ObjectMissing` or `RemoteError`
-naming the remote and the last reason; credentials never appear in them: `url` and `describe()`
-show the URL without its `user:password@`, and every reason is scrubbed of the remote's secrets.
+SSH/SFTP, Azure Blob and GCS, configured with DVC's option names. Errors come out as
+`ObjectMissing` or `RemoteError` naming the remote and the last reason; credentials never appear
+in them: `url` and `describe()` show the URL without its `user:password@`, and every reason is
+scrubbed of the remote's secrets.
 
 Retries. A download learns the object's size first (HEAD), then asks for it in ranges of at most
 `CHUNK` bytes; a failed request is repeated from the first byte not yet delivered, never from the
@@ -53,6 +54,8 @@ from regfs.errors import ConfigError, ObjectMissing, RemoteError
 logger = logging.getLogger(__name__)
 
 _LIST_THRESHOLD = 8  # objects wanted below one prefix dir before a listing beats HEAD requests
+
+
 @dataclass(frozen=True)
 class Location:
     """Where a cloud-versioned remote keeps an object: its path below the remote's URL (the
@@ -188,8 +191,8 @@ class Remote:
 
     def sizes(self, relpaths: list[str]) -> dict[str, int]:
         """Sizes of the objects that exist; missing ones are left out."""
-        by_dir: dict[str, list[str]] = {}
-        for relpath in relpaths:  # objects of a cloud-versioned remote are asked one by one (None)
+        by_dir: dict[str | None, list[str]] = {}  # None: objects of a cloud-versioned remote, one by one
+        for relpath in relpaths:
             by_dir.setdefault(None if self._location(relpath) else posixpath.dirname(relpath), []).append(relpath)
         lists = self._backend.can_list
         listed = {d for d, paths in by_dir.items() if d is not None and lists and len(paths) >= _LIST_THRESHOLD}
