@@ -63,6 +63,8 @@ from regfs.errors import ConfigError, IntegrityError, ObjectMissing, RemoteError
 logger = logging.getLogger(__name__)
 
 _LIST_THRESHOLD = 8  # objects wanted below one prefix dir before a listing beats HEAD requests
+
+
 @dataclass(frozen=True)
 class Location:
     """Where a cloud-versioned remote keeps an object: its path below the remote's URL (the
@@ -235,8 +237,8 @@ class Remote:
 
     def sizes(self, relpaths: list[str]) -> dict[str, int]:
         """Sizes of the objects that exist; missing ones are left out."""
-        by_dir: dict[str, list[str]] = {}
-        for relpath in relpaths:  # objects of a cloud-versioned remote are asked one by one (None)
+        by_dir: dict[str | None, list[str]] = {}  # None: objects of a cloud-versioned remote, one by one
+        for relpath in relpaths:
             by_dir.setdefault(None if self._location(relpath) else posixpath.dirname(relpath), []).append(relpath)
         lists = self._backend.can_list
         listed = {d for d, paths in by_dir.items() if d is not None and lists and len(paths) >= _LIST_THRESHOLD}
