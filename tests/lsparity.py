@@ -8,16 +8,26 @@ shows, the pulled workspace is the judge instead: the size of a file inside a di
 directory (none, or the importer's where regfs gives the source's) and the executable bit of an
 output (`dvc list` always says false). Outputs of stages that never ran are named by `dvc list` only.
 `-R` into sub-repositories needs a workspace pulled in them too.
+
+`dvc list` runs in one long-lived Python process per test process (`DvcLister`): the entry point
+of the `dvc` script, `dvc.cli.main(["list", ...])`, called once per listing with its standard
+output and error sent to files, which saves importing DVC for each of the suite's listings.
 """
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import json
 import os
+import select
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from tests.registry import Tools
+from tests.registry import COMMAND_TIMEOUT, CommandFailed, Tools
 from tests.trees import md5_hex
 
 # Each `dvc list` costs a second or more: the table (its last column is the plain listing) and
@@ -28,9 +38,77 @@ ALL_TEXT_FLAGS = ((), ("--size", "--show-hash"), ("--dvc-only", "-R"), ("--dvc-o
 TEXT_FLAGS_INSIDE_OUTPUTS = (("--show-hash",),)
 
 
+_WORKER = r"""
+import json, os, sys
+from dvc.cli import main
+control = os.fdopen(os.dup(1), "w")
+for line in sys.stdin:
+    request = json.loads(line)
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(request["out"], "wb") as out, open(request["err"], "wb") as err:
+        os.dup2(out.fileno(), 1), os.dup2(err.fileno(), 2)
+        try:
+            os.chdir(request["cwd"])
+            code = main(request["argv"])
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            os.close(saved[0]), os.close(saved[1])
+    control.write(json.dumps(code) + "\n")
+    control.flush()
+"""
+
+
+class DvcLister:
+    """One Python process running `dvc list` commands on request, stopped at exit."""
+
+    _instance: DvcLister | None = None
+
+    def __init__(self, tools: Tools):
+        self.tools = tools
+        self.directory = Path(tempfile.mkdtemp(prefix="dvc-list-", dir=tools.workdir))
+        self.numbers = itertools.count()
+        self.process = subprocess.Popen([sys.executable, "-c", _WORKER], cwd=tools.workdir, env=tools.env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        atexit.register(self.stop)
+
+    @classmethod
+    def of(cls, tools: Tools) -> DvcLister:
+        if cls._instance is None or cls._instance.tools is not tools or cls._instance.process.poll() is not None:
+            cls._instance = cls(tools)
+        return cls._instance
+
+    def run(self, argv: list[str]) -> str:
+        number = next(self.numbers)
+        out, err = self.directory / f"{number}.out", self.directory / f"{number}.err"
+        self.process.stdin.write(json.dumps({"argv": argv, "cwd": str(self.tools.workdir),
+                                             "out": str(out), "err": str(err)}) + "\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], COMMAND_TIMEOUT)
+        if not ready:
+            self.stop()
+            raise CommandFailed(f"dvc {' '.join(argv)} did not finish within {COMMAND_TIMEOUT} s")
+        code = json.loads(self.process.stdout.readline() or "null")
+        if code != 0:
+            raise CommandFailed(f"dvc {' '.join(argv)} exited {code}:\n{err.read_text(errors='replace')}")
+        return out.read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
 def dvc_list(tools: Tools, source: Path, rev: str, path: str | None, *flags: str) -> str:
-    args = [tools.dvc3, "list", source, *([path] if path else []), "--rev", rev, *flags]
-    return tools.run(args, cwd=tools.workdir).stdout.decode()
+    argv = ["list", str(source), *([path] if path else []), "--rev", rev, *flags]
+    return DvcLister.of(tools).run(argv)
 
 
 def regfs_ls(regfs_cli: Callable, source: Path, rev: str, path: str | None, cache_dir: Path, *flags: str) -> str:

@@ -227,7 +227,7 @@ def test_pipeline_outputs_equal_the_oracle(pipeline, mount, oracle):
 
 def test_ls_matches_dvc_list(pipeline, tools, oracle, regfs_cli, tmp_path):
     source = pipeline.registry.path
-    for rev, paths in (("v1", (None, "sub")), ("main", (None,))):
+    for rev, paths, text_flags in (("v1", (None,), ALL_TEXT_FLAGS), ("v1", ("sub",), TEXT_FLAGS),
+                                   ("main", (None,), TEXT_FLAGS)):
         workspace = oracle.clone(source, rev, pull_check=False)
-        assert_ls_matches_dvc_list(tools, regfs_cli, source, rev, workspace, tmp_path / "cache", paths,
-                                   ALL_TEXT_FLAGS if rev == "v1" else TEXT_FLAGS)
+        assert_ls_matches_dvc_list(tools, regfs_cli, source, rev, workspace, tmp_path / "cache", paths, text_flags)
