@@ -173,7 +173,7 @@ class MountView:
         """The entries of the directory at `path` from the `start`th on, in an order that never
         changes: name, kind, and attributes where they are known without I/O and below a commit
         (immutable). None leaves them to a lookup: the ref symlinks (they change), sizes not known
-        yet (a lookup asks the remote), and empty files (a lookup caches them, see `attr`)."""
+        yet (a lookup asks the remote, or Git), and empty files (a lookup caches them, see `attr`)."""
         node, mtime, commit_sha = self.locate(path)
         if not isinstance(node, DirNode):
             raise NotADirectory(f"not a directory: {path}")

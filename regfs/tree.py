@@ -40,7 +40,7 @@ class Node:
 
     @property
     def known_size(self) -> int | None:
-        """The size if known without asking a remote or another registry."""
+        """The size if known without I/O (asking a remote, another registry, or Git)."""
         return self.size
 
 
@@ -162,6 +162,10 @@ class BlobNode(Node):
         if self._size is None:  # libgit2 inflates the blob to learn its size: once is enough
             self._size = self._blob_size(self.blob_id)
         return self._size
+
+    @property
+    def known_size(self) -> int | None:
+        return self._size  # a listing does not inflate blobs nobody stat'ed
 
     def data(self) -> bytes:
         return self._read_blob(self.blob_id)

@@ -1,4 +1,4 @@
-"""Pure-layer tests: metafile and manifest parsing, hashing, config and address parsing.
+"""Pure-layer tests: metafile and manifest parsing, tree listings, hashing, config and address parsing.
 
 These take literals (style.md: pure parsers are tested with plain data); the end-to-end tests
 compare whole mounts with what the real DVC produces.
@@ -16,6 +16,7 @@ from regfs.dvcmeta import HASH_LEGACY, HASH_MD5, parse_dvc_file, parse_pipeline
 from regfs.errors import ConfigError, MetafileError
 from regfs.hashing import CHUNK, StreamHasher, is_text
 from regfs.manifest import DirEntry, parse_manifest
+from regfs.tree import BlobNode, DirNode, LinkNode
 
 
 def test_dvc_file_outputs_are_joined_with_wdir_and_flags():
@@ -295,3 +296,13 @@ def test_local_address_with_at_in_directories(tmp_path):
     assert parse_address(str(registry)).revision is None
     address = parse_address(f"{registry}@feature/x")
     assert (address.url, address.revision) == (str(registry), "feature/x")
+
+
+def test_listings_read_nothing():
+    """A listing gives what is known without I/O: a Git file's size once something stat'ed it."""
+    sized = []
+    blob = BlobNode(lambda blob_id: b"abc", lambda blob_id: sized.append(blob_id) or 3, "b1", False)
+    root = DirNode({"f": blob, "d": DirNode(), "l": LinkNode("xy")})
+    assert list(root.listing()) == [("d", "dir", 0, False), ("f", "file", None, False), ("l", "link", 2, False)]
+    assert sized == [] and blob.size == 3
+    assert list(root.listing(1)) == [("f", "file", 3, False), ("l", "link", 2, False)] and sized == ["b1"]
