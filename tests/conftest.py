@@ -47,6 +47,17 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 # -- tools, oracle, S3 -------------------------------------------------------------------------
 
 
+# Modules that take minutes run first: pytest-xdist hands whole modules (--dist loadfile) to its
+# workers in collection order, and one of these started last would run alone at the end.
+_SLOW_MODULES = ("test_imports", "test_faults", "test_cloud_versioning", "test_pipeline", "test_api",
+                 "test_remote_faults", "test_git_faults", "test_legacy", "test_prefetch", "test_cache_mgmt")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: index for index, name in enumerate(_SLOW_MODULES)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2], len(rank)))
+
+
 @pytest.fixture(scope="session")
 def tools(tmp_path_factory: pytest.TempPathFactory) -> Tools:
     return Tools(tmp_path_factory.mktemp("tools"))

@@ -305,7 +305,7 @@ def test_offline_a_partly_pulled_directory_lists_and_reads_what_is_cached(tools,
     assert [object_path(cache, object_id).exists() for object_id in ids.values()] == [True, False, False]
 
     mounted = mount(f"{registry.path}@main", "--remote-config", f"s3.endpointurl={DEAD_ENDPOINT}",
-                    cache_dir=cache,
+                    "--remote-config", "s3.retries=0", cache_dir=cache,
                     expect_errors="|".join(f"{ids[path][:2]}/?{ids[path][2:]}"
                                            for path in ("images/b.bin", "images/c/d.txt")))
     assert sorted(os.listdir(mounted / "images")) == ["a.bin", "b.bin", "c"]
