@@ -163,13 +163,8 @@ def _dir_entries(items: list, what: str) -> list[CloudEntry]:
     items.reverse()
     while items:  # popped, so the decoded list and its entries are not all held at once
         item = items.pop()
-        if not isinstance(item, dict):
-            raise MetafileError(f"{what}: manifest entry is not an object: {_short(item)}")
-        relpath, object_id = item.get("relpath"), item.get("md5")
-        if not isinstance(relpath, str) or not is_safe_relpath(relpath):
-            raise MetafileError(f"{what}: unsafe relpath {_short(relpath)} in manifest")
-        if not isinstance(object_id, str) or not _MD5.fullmatch(object_id):
-            raise MetafileError(f"{what}: bad md5 {_short(object_id)} for {relpath!r}")
+        check_entry(item, what)
+        relpath, object_id = item["relpath"], item["md5"]
         if relpath in seen:
             raise MetafileError(f"{what}: duplicate relpath {relpath!r} in manifest")
         seen.add(relpath)
@@ -177,6 +172,18 @@ def _dir_entries(items: list, what: str) -> list[CloudEntry]:
                                 _versions(item, f"{what}: {relpath!r}")))
     _check_no_file_is_a_parent(seen, what)
     return entries
+
+
+def check_entry(item, what: str) -> None:
+    """Raise MetafileError unless `item` is a manifest entry (a `.dir` object's, or a cloud-versioned
+    output's `files`) with a safe relpath and an md5 of 32 lowercase hex digits."""
+    if not isinstance(item, dict):
+        raise MetafileError(f"{what}: manifest entry is not an object: {_short(item)}")
+    relpath, object_id = item.get("relpath"), item.get("md5")
+    if not isinstance(relpath, str) or not is_safe_relpath(relpath):
+        raise MetafileError(f"{what}: unsafe relpath {_short(relpath)} in manifest")
+    if not isinstance(object_id, str) or not _MD5.fullmatch(object_id):
+        raise MetafileError(f"{what}: bad md5 {_short(object_id)} for {relpath!r}")
 
 
 def is_safe_relpath(relpath: str) -> bool:

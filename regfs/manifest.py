@@ -29,7 +29,7 @@ from itertools import accumulate, islice, repeat
 from operator import add, eq, is_, itemgetter, lt, methodcaller
 from typing import BinaryIO
 
-from regfs.dvcmeta import MAX_SIZE, is_safe_relpath
+from regfs.dvcmeta import MAX_SIZE, check_entry
 from regfs.errors import MetafileError
 
 _CHUNK = 1 << 20  # bytes read at a time
@@ -38,7 +38,6 @@ _KEPT_ENTRIES = 64
 _DIGEST = 16
 _WHITESPACE = " \t\n\r"  # JSON's
 _COMMA = re.compile(r"[ \t\n\r]*,")
-_MD5 = re.compile(r"[0-9a-f]{32}")
 # In relpaths joined and framed by NULs, only an unsafe relpath makes one of these: an empty one, a
 # leading, trailing or double slash, a `.` or `..` component.
 _UNSAFE = ("\0\0", "\0/", "/\0", "//")
@@ -386,7 +385,7 @@ def _checked(items: list, what: str) -> tuple[bytes, bytes]:
                 except UnicodeEncodeError:
                     pass
     for item in items:  # one of them is bad: find the first, for its message
-        _check_item(item, what)
+        check_entry(item, what)
     raise AssertionError("a manifest batch failed its checks but none of its items did")
 
 
@@ -408,16 +407,6 @@ def _digests(object_ids: list[str]) -> bytes | None:
     except ValueError:
         return None
     return digests if len(digests) == _DIGEST * len(object_ids) else None
-
-
-def _check_item(item, what: str) -> None:
-    if not isinstance(item, dict):
-        raise MetafileError(f"{what}: manifest entry is not an object: {_short(item)}")
-    relpath, object_id = item.get("relpath"), item.get("md5")
-    if not isinstance(relpath, str) or not is_safe_relpath(relpath):
-        raise MetafileError(f"{what}: unsafe relpath {_short(relpath)} in manifest")
-    if not isinstance(object_id, str) or not _MD5.fullmatch(object_id):
-        raise MetafileError(f"{what}: bad md5 {_short(object_id)} for {relpath!r}")
 
 
 def _sizes(items: list) -> array:
