@@ -24,6 +24,7 @@ from regfs.daemon import (
     wait_for_exit,
 )
 from regfs.dvcconfig import MAX_REQUESTS
+from regfs.readahead import DEFAULT_FILES as DEFAULT_READAHEAD_FILES
 from regfs.errors import RegfsError, UsageError
 
 logger = logging.getLogger("regfs")
@@ -51,9 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("-o", dest="mount_options", action="append", default=[], metavar="OPTIONS",
                        help="mount(8)-style options: allow_other, cache_dir=DIR, refresh=SECONDS, remote=NAME, "
                             "remote_config=NAME.KEY=VALUE, log_file=PATH, shared=group, cache_size=SIZE, "
-                            "max_requests=N, stream, debug")
+                            "max_requests=N, dir_readahead=N, stream, debug")
     mount.add_argument("--max-requests", type=int, default=MAX_REQUESTS, metavar="N",
                        help=f"requests to remotes in flight at once, at most (default {MAX_REQUESTS})")
+    mount.add_argument("--dir-readahead", type=int, default=DEFAULT_READAHEAD_FILES, metavar="N",
+                       help="files of a directory output fetched ahead of a reader going through them in "
+                            f"order, at most (default {DEFAULT_READAHEAD_FILES}; 0 = only what reads ask for)")
     mount.add_argument("--stream", action="store_true",
                        help="serve a large object's bytes as they arrive, before its hash is checked at the "
                             "end (a reader may get bytes that then prove wrong; see README)")
@@ -144,9 +148,12 @@ def _mount(args, argv: list[str]) -> int:
                            cache_dir=cache_dir, refresh=args.refresh, remote=args.remote,
                            remote_config=args.remote_config, log_file=args.log_file, debug=args.debug,
                            allow_other=args.allow_other, shared_group=args.shared == "group",
-                           cache_size=_cache_size(args), max_requests=args.max_requests, stream=args.stream)
+                           cache_size=_cache_size(args), max_requests=args.max_requests, stream=args.stream,
+                           dir_readahead=args.dir_readahead)
     if args.max_requests < 1:
         raise UsageError(f"--max-requests must be at least 1, not {args.max_requests}")
+    if args.dir_readahead < 0:
+        raise UsageError(f"--dir-readahead must be 0 or more, not {args.dir_readahead}")
     overrides(args.remote, args.remote_config)  # reject malformed options before daemonizing
     if args.foreground:
         if args.log_file and args.ready_fd is None:  # a spawned daemon's stderr is its log already
@@ -162,7 +169,7 @@ _GENERIC_MOUNT_OPTIONS = {"rw", "ro", "defaults", "auto", "noauto", "user", "use
                           "nofail", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
                           "relatime", "async", "sync", "default_permissions"}
 _VALUED_MOUNT_OPTIONS = {"cache_dir", "refresh", "remote", "remote_config", "log_file", "shared",
-                         "cache_size", "max_requests"}
+                         "cache_size", "max_requests", "dir_readahead"}
 
 
 def expand_mount_options(argv: list[str]) -> list[str]:
@@ -216,7 +223,7 @@ def _stats(mountpoint: str, as_json: bool) -> int:
         return 0
     for key, value in report.items():
         if key != "remotes":
-            print(f"{key:16} {value}")
+            print(f"{key:18} {value}")
     for name, entry in report["remotes"].items():
         print(f"{name}: " + ", ".join(f"{key} {value}" for key, value in entry.items()))
     return 0

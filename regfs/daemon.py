@@ -28,6 +28,7 @@ from regfs.address import Address, public_url
 from regfs.cachectl import Evictor, format_size
 from regfs.dvcconfig import MAX_REQUESTS, Config, parse_override
 from regfs.errors import RegfsError, UsageError
+from regfs.readahead import DEFAULT_FILES as DEFAULT_READAHEAD_FILES
 
 if TYPE_CHECKING:  # imported by the daemon only: `umount` and `status` start faster without them
     from regfs.namespace import MountView
@@ -50,6 +51,7 @@ class MountOptions:
     cache_size: int | None = None  # bytes; None: no cap
     max_requests: int = MAX_REQUESTS  # requests to remotes in flight at once
     stream: bool = False  # serve large objects' bytes as they arrive, verified at the end
+    dir_readahead: int = DEFAULT_READAHEAD_FILES  # entries fetched ahead of an in-order reader, at most
 
 
 def overrides(remote: str | None, remote_config: list[str]) -> Config:
@@ -159,7 +161,8 @@ def serve(options: MountOptions, ready_fd: int | None = None) -> int:
     try:
         check_mountpoint(options.mountpoint)
         _hold_pid_file(options)
-        context = Context(options.cache_dir, options.shared_group, options.max_requests, options.stream)
+        context = Context(options.cache_dir, options.shared_group, options.max_requests, options.stream,
+                          options.dir_readahead)
         registry = Registry(options.address.url, context,
                             overrides(options.remote, options.remote_config))
         removed = context.cache.remove_stale_downloads()

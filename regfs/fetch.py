@@ -46,8 +46,9 @@ class Fetcher:
         self._unstreamable: LRUCache = LRUCache(maxsize=4096)  # objects whose streamed bytes were wrong
         self._lock = threading.Lock()
 
-    def fetch(self, ref: ObjectRef, remote: Remote, size: int | None = None) -> str:
-        """The object's cache path, downloaded now (or by whoever is downloading it already)."""
+    def fetch(self, ref: ObjectRef, remote: Remote, size: int | None = None, ahead: bool = False) -> str:
+        """The object's cache path, downloaded now (or by whoever is downloading it already);
+        `ahead`: for read-ahead, not for a read (counted apart)."""
         path = self.cache.find(ref)
         if path is not None:
             return path
@@ -56,6 +57,8 @@ class Fetcher:
         download, started = self._download(ref, size)
         if not started:
             return download.wait()
+        if ahead:
+            self.stats.add("readahead_fetches")
         return self._run(download, remote)
 
     def stream(self, ref: ObjectRef, remote: Remote, size: int) -> Download | None:
@@ -192,6 +195,11 @@ class ObjectStore:
             return cached
         self._fetcher.stats.add("cache_misses")
         return self._fetcher.fetch(ref, self.remote(), size)
+
+    def fetch_ahead(self, ref: ObjectRef, size: int | None) -> None:
+        """Cache an object before any read needs it (read-ahead), unless it is cached."""
+        if self._fetcher.cache.find(ref) is None:
+            self._fetcher.fetch(ref, self.remote(), size, ahead=True)
 
     def stream(self, ref: ObjectRef, size: int) -> Download | None:
         """The running download of a large object for streaming readers (see `Fetcher.stream`)."""

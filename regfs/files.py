@@ -13,7 +13,8 @@ Invariants:
 - A descriptor is closed only when no read uses it: entries are reference-counted; idle ones are
   closed after `idle` seconds, or sooner, oldest first, beyond `max_open` (busy ones are closed by
   their last user once dropped).
-- An object is fetched on the first read that needs it, never at lookup or open. A fetch that
+- An object is fetched on the first read that needs it, never at lookup or open, unless a reader
+  going through a directory output in order has it fetched ahead (regfs/readahead.py). A fetch that
   failed is remembered for `failure_ttl` seconds, so the kernel's retries of one failed read (a
   readahead, then the read itself) fail alike instead of downloading again.
 - A cache file removed between fetch and open (evicted by `regfs cache gc`, or by another daemon)
@@ -39,7 +40,8 @@ from cachetools import LRUCache
 from regfs.cache import ObjectCache, ObjectRef
 from regfs.download import Download
 from regfs.errors import PathNotFound, RegfsError
-from regfs.tree import BlobNode, ImportedFileNode, Node, ObjectNode
+from regfs.readahead import ReadAhead
+from regfs.tree import BlobNode, EntryNode, ImportedFileNode, Node, ObjectNode
 
 
 class _Descriptor:
@@ -59,9 +61,10 @@ class _Descriptor:
 
 class OpenFiles:
     def __init__(self, max_open: int = 512, idle: float = 5.0, failure_ttl: float = 1.0,
-                 blob_bytes: int = 64 << 20, stream: bool = False):
+                 blob_bytes: int = 64 << 20, stream: bool = False, readahead: ReadAhead | None = None):
         self._max_open, self._idle, self._failure_ttl = max_open, idle, failure_ttl
         self._stream = stream
+        self._readahead = readahead or ReadAhead(0)
         self._streamed_paths: dict[ObjectRef, set[str]] = {}  # paths read of downloads in progress
         self.on_wrong_bytes: Callable[[set[str]], None] | None = None
         self._open: OrderedDict[ObjectRef, _Descriptor] = OrderedDict()
@@ -124,6 +127,8 @@ class OpenFiles:
                 if time.monotonic() - failed[0] < self._failure_ttl:
                     raise failed[1]
                 del self._failures[ref]
+        if isinstance(node, EntryNode):  # before its own fetch: the ones after it start meanwhile
+            self._readahead.opened(node.entries, node.index)
         try:
             fresh = self._open_object(node)
         except RegfsError as exc:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from cachetools import LRUCache
 
+from regfs import readahead
 from regfs.address import is_local_url, local_path, public_url
 from regfs.cache import ObjectCache, ObjectRef
 from regfs.dvcconfig import (
@@ -47,9 +48,11 @@ from regfs.errors import (
 from regfs.fetch import Fetcher, ObjectStore
 from regfs.files import OpenFiles
 from regfs.git import Mirror
+from regfs.manifest import Manifest
 from regfs.remotes import Location, Remote, RequestSlots, open_remote
 from regfs.tree import (
     DirNode,
+    EntryNode,
     ImportedFileNode,
     LazyDirNode,
     ManifestDirectory,
@@ -86,11 +89,11 @@ class Snapshot:
 
 class Context:
     def __init__(self, cache_dir: str, shared_group: bool = False, max_requests: int = MAX_REQUESTS,
-                 stream: bool = False):
+                 stream: bool = False, dir_readahead: int = readahead.DEFAULT_FILES):
         self.shared_group = shared_group
         self.cache = ObjectCache(cache_dir, shared_group)
         self.fetcher = Fetcher(self.cache)
-        self.files = OpenFiles(stream=stream)
+        self.files = OpenFiles(stream=stream, readahead=readahead.ReadAhead(dir_readahead))
         self.request_slots = RequestSlots(max_requests)
         self.mirrors_dir = os.path.join(self.cache.state_dir, "git")
         self.user_config = Config()
@@ -272,9 +275,10 @@ class Registry:
             # from the cache if it is there; only the others fail then, not the whole directory.
             logger.warning("sizes of the entries of %s in %s are not known yet: %s", path, self.public_url, exc)
 
+        entries = OutputEntries(manifest, ref.hash_name, store, path)
+
         def file_node(index: int) -> Node:
-            return ObjectNode(ObjectRef(manifest.object_id(index), ref.hash_name), store, manifest.size(index),
-                              manifest.is_exec(index))
+            return EntryNode(entries.ref(index), store, manifest.size(index), manifest.is_exec(index), entries, index)
 
         return ManifestDirectory(manifest.root(), file_node)
 
@@ -398,6 +402,28 @@ def _file_node(output: Output, entry: CloudEntry, store: ObjectStore, versioned:
         location = Location(posixpath.join(output.path, entry.relpath), _version(entry.versions, versioned))
         store.locate(ref, location)
     return ObjectNode(ref, store, entry.size, entry.is_exec)
+
+
+class OutputEntries:
+    """The files of one directory output by their index in its manifest (regfs/readahead.py)."""
+
+    def __init__(self, manifest: Manifest, hash_name: str, store: ObjectStore, path: str):
+        self._manifest, self._hash_name, self._store, self._path = manifest, hash_name, store, path
+
+    def __len__(self) -> int:
+        return len(self._manifest)
+
+    def __repr__(self) -> str:
+        return f"output {self._path} ({self._store.label})"
+
+    def ref(self, index: int) -> ObjectRef:
+        return ObjectRef(self._manifest.object_id(index), self._hash_name)
+
+    def size(self, index: int) -> int | None:
+        return self._manifest.size(index)
+
+    def fetch_ahead(self, index: int) -> None:
+        self._store.fetch_ahead(self.ref(index), self.size(index))
 
 
 def _children_of(node: Node, path: str) -> Mapping[str, Node]:

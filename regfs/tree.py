@@ -192,6 +192,15 @@ class ObjectNode(Node):
         return self._size
 
 
+class EntryNode(ObjectNode):
+    """A file of a directory output, which also knows its place among the output's files (by its
+    index in the manifest: regfs/readahead.py fetches the ones after it for readers going in order)."""
+
+    def __init__(self, ref: ObjectRef, store, size: int | None, is_exec: bool, entries, index: int):
+        super().__init__(ref, store, size, is_exec)
+        self.entries, self.index = entries, index
+
+
 class ImportedFileNode(Node):
     """A `dvc import` file output: its bytes are those of a path in another registry."""
 

@@ -10,6 +10,7 @@ compared with DVC's (`dvc pull` of the same objects over HTTP); requests are cou
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import shutil
@@ -219,3 +220,49 @@ def test_stream_of_a_corrupt_object_fails_later_reads_and_caches_nothing(web, pr
             and time.monotonic() < deadline:
         time.sleep(0.25)
     assert outcome.data == data
+
+
+def wait_for_gets(web: Web, proxy: FaultProxy, relpaths: list[str], settle: float = 0.5) -> set[str]:
+    """The files of `relpaths` whose object the proxy saw a GET for, once `settle` seconds pass
+    without a new request (or HANG seconds in all)."""
+    deadline, seen, quiet_since = time.monotonic() + HANG, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        if len(proxy.requests) != seen:
+            seen, quiet_since = len(proxy.requests), time.monotonic()
+        elif time.monotonic() - quiet_since >= settle:
+            break
+        time.sleep(0.05)
+    return {relpath for relpath in relpaths if web.requests(relpath)}
+
+
+def test_a_reader_in_order_gets_the_next_files_fetched_ahead(web, proxy, mount, regfs_cli, tmp_path):
+    """Reading `dir/` one file after another, in its order: two files in a row start read-ahead of
+    the next 4 (and no more), a third in order widens it to 8 ahead; then a `cp -r` of the whole
+    directory gets DVC's bytes with exactly one GET per object (the reader waits for the fetches
+    ahead, never repeats them), and `regfs stats` counts the fetches ahead."""
+    mounted = web.mount(mount)
+    names = sorted(SMALL)
+    for relpath in names[:2]:
+        assert (mounted / relpath).read_bytes() == web.data(relpath)
+    assert wait_for_gets(web, proxy, names) == set(names[:6])
+    assert (mounted / names[2]).read_bytes() == web.data(names[2])
+    assert wait_for_gets(web, proxy, names) == set(names[:11])
+
+    shutil.copytree(mounted / "dir", tmp_path / "copy")
+    assert snapshot(tmp_path / "copy") == files_below(web.expected, "dir/")
+    assert {relpath: len(web.requests(relpath)) for relpath in names} == dict.fromkeys(names, 1)
+    stats = json.loads(regfs_cli("stats", "--json", mounted.path).stdout)
+    assert 8 <= stats["readahead_fetches"] <= len(names) - 2, stats  # not the 2 files that started it
+
+
+@pytest.mark.parametrize("order, options", [("backwards", ()), ("strided", ()),
+                                            ("in order", ("-o", "dir_readahead=0"))])
+def test_no_read_ahead_out_of_order_or_when_off(web, proxy, mount, order, options):
+    """Files read backwards, or 9 entries apart (further than a step in order), or in order with
+    read-ahead off: only the files read are fetched."""
+    mounted = web.mount(mount, *options)
+    names = sorted(SMALL)
+    chosen = {"backwards": names[::-1][:6], "strided": names[::9], "in order": names[:6]}[order]
+    for relpath in chosen:
+        assert (mounted / relpath).read_bytes() == web.data(relpath)
+    assert wait_for_gets(web, proxy, names) == set(chosen)
