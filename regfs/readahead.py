@@ -16,8 +16,8 @@ it.
 
 Fetches ahead are ordinary fetches (the same cache, verification and per-object deduplication: a
 reader that opens a file being fetched ahead waits for that download, never starts a second one),
-made by at most `WORKERS` threads of the process, so they hold at most that many of the remote
-request slots and leave the others to readers. A fetch ahead that fails is logged at debug level
+made by at most `WORKERS` threads of the process (half the remote request slots, if that is fewer),
+so they leave the other slots to readers. A fetch ahead that fails is logged at debug level
 only: the reader that reaches that file fetches it itself, and hears of the failure then.
 """
 
@@ -57,10 +57,10 @@ class _Run:
 
 
 class ReadAhead:
-    def __init__(self, files: int = DEFAULT_FILES):
+    def __init__(self, files: int = DEFAULT_FILES, workers: int = WORKERS):
         if files < 0:
             raise ValueError(f"read-ahead must be 0 or more files, not {files}")
-        self.files = files
+        self.files, self._max_workers = files, workers
         self._runs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # by output, while its tree lives
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._workers = 0
@@ -97,8 +97,8 @@ class ReadAhead:
         return end
 
     def _start_workers(self, jobs: int) -> None:
-        """Enough workers for `jobs` more entries, up to WORKERS (called with the lock held)."""
-        for _ in range(min(jobs, WORKERS - self._workers)):
+        """Enough workers for `jobs` more entries, up to the maximum (called with the lock held)."""
+        for _ in range(min(jobs, self._max_workers - self._workers)):
             self._workers += 1
             threading.Thread(target=self._work, daemon=True, name="regfs-readahead").start()
 

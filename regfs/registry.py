@@ -93,7 +93,8 @@ class Context:
         self.shared_group = shared_group
         self.cache = ObjectCache(cache_dir, shared_group)
         self.fetcher = Fetcher(self.cache)
-        self.files = OpenFiles(stream=stream, readahead=readahead.ReadAhead(dir_readahead))
+        workers = min(readahead.WORKERS, max(1, max_requests // 2))  # the other half is for readers
+        self.files = OpenFiles(stream=stream, readahead=readahead.ReadAhead(dir_readahead, workers))
         self.request_slots = RequestSlots(max_requests)
         self.mirrors_dir = os.path.join(self.cache.state_dir, "git")
         self.user_config = Config()
