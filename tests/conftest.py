@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,13 +138,14 @@ MountFactory = Callable[..., Mount]
 
 @pytest.fixture
 def mount(tools: Tools, tmp_path: Path) -> Iterator[MountFactory]:
-    """`mount(source, *cli_args, cache_dir=None, expect_errors=None, check=True, mountpoint=None)`.
+    """`mount(source, *cli_args, cache_dir=None, expect_errors=None, check=True, mountpoint=None,
+    env=None)`.
 
     Returns a started `Mount`. Each mount gets its own new mountpoint and log file and, unless
-    given, a fresh cache dir. With `check`, a failed `regfs mount` fails the test. At teardown
-    every mount is unmounted; the test fails if one could not be, if a daemon survived
-    `regfs umount`, or if a daemon logged an ERROR line that `expect_errors` (True, or a regex
-    every such line must match) did not allow.
+    given, a fresh cache dir; `env` adds variables to the suite's environment for regfs. With
+    `check`, a failed `regfs mount` fails the test. At teardown every mount is unmounted; the test
+    fails if one could not be, if a daemon survived `regfs umount`, or if a daemon logged an ERROR
+    line that `expect_errors` (True, or a regex every such line must match) did not allow.
     """
     mounts: list[Mount] = []
     numbers = itertools.count()
@@ -156,6 +157,7 @@ def mount(tools: Tools, tmp_path: Path) -> Iterator[MountFactory]:
         expect_errors: bool | str | None = None,
         check: bool = True,
         mountpoint: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Mount:
         number = next(numbers)
         mounted = Mount(
@@ -164,7 +166,7 @@ def mount(tools: Tools, tmp_path: Path) -> Iterator[MountFactory]:
             create_mountpoint=mountpoint is None,
             cache_dir=cache_dir or tmp_path / f"cache{number}",
             log_file=tmp_path / f"regfs{number}.log",
-            env=tools.env,
+            env={**tools.env, **(env or {})},
             workdir=tmp_path / f"cli{number}",
             extra_args=list(cli_args),
             expect_errors=expect_errors,
