@@ -100,34 +100,31 @@ def s3_server() -> Iterator[S3Server]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def ssh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
-    """OpenSSH's sshd on 127.0.0.1 and a free port, key authentication (tests/servers.py)."""
-    server = SSHServer(tmp_path_factory.mktemp("sshd")).start()
+def _running(server: SSHServer | Azurite | GCSServer) -> Iterator:
+    """The body of a session fixture of a tests/servers.py server: started, stopped at the end."""
+    server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def ssh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
+    """OpenSSH's sshd on 127.0.0.1 and a free port, key authentication (tests/servers.py)."""
+    yield from _running(SSHServer(tmp_path_factory.mktemp("sshd")))
 
 
 @pytest.fixture(scope="session")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
     """Azurite's blob service on 127.0.0.1 and a free port, in memory (tests/servers.py)."""
-    server = Azurite(tmp_path_factory.mktemp("azurite")).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(Azurite(tmp_path_factory.mktemp("azurite")))
 
 
 @pytest.fixture(scope="session")
 def gcs_server() -> Iterator[GCSServer]:
     """gcp-storage-emulator on 127.0.0.1 and a free port, in memory (tests/servers.py)."""
-    server = GCSServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(GCSServer())
 
 
 # -- mounts ------------------------------------------------------------------------------------
