@@ -2,12 +2,13 @@
 GCS emulator, FUSE mounts and the basic registry that several modules share.
 
 Registries are built once per session with the real git and dvc CLIs (each dvc call costs about
-a second) and never modified after their fixture returns; a test that needs to change a registry
-builds or copies its own.
+a second), the basic registry once per run (pytest-xdist workers share it), and never modified
+after their fixture returns; a test that needs to change a registry builds or copies its own.
 """
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
 import os
@@ -276,4 +277,18 @@ def build_basic(tools: Tools, parent: Path) -> BasicRegistry:
 
 @pytest.fixture(scope="session")
 def basic(tools: Tools, tmp_path_factory: pytest.TempPathFactory) -> BasicRegistry:
-    return build_basic(tools, tmp_path_factory.mktemp("basic"))
+    """Built once per test run: under pytest-xdist the first worker to need it builds it in the
+    run's base directory (each worker's is inside), holding a lock file that the others wait on,
+    and every worker reads that one (the registry is never modified after it is built)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build_basic(tools, tmp_path_factory.mktemp("basic"))
+    shared = tmp_path_factory.getbasetemp().parent / "basic"
+    with open(shared.parent / "basic.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "built").exists():
+            shutil.rmtree(shared, ignore_errors=True)  # left by a worker that failed building it
+            shared.mkdir()
+            build_basic(tools, shared)
+            (shared / "built").touch()
+    registry = Registry(tools, shared / "registry", tools.dvc3)
+    return BasicRegistry(registry, shared / "store", registry.refs())

@@ -332,7 +332,8 @@ class Oracle:
         commit = self._commit(source, rev)
         key = (str(source), commit, str(executable), local_config, pull_args, pull_check, subrepos, extra_env)
         if key not in self._clones:
-            workspace = source.parent / f".oracle-{source.name}-{commit[:10]}-{next(self._counter)}"
+            # The pid: pytest-xdist workers share the basic registry, and clone it side by side.
+            workspace = source.parent / f".oracle-{source.name}-{commit[:10]}-{os.getpid()}-{next(self._counter)}"
             self.tools.run(["git", "clone", "-q", "--no-checkout", source, workspace], cwd=source.parent)
             self.tools.run(["git", "checkout", "-q", commit], cwd=workspace)
             for remote, option, value in local_config:
