@@ -207,9 +207,9 @@ class Registry:
         return self.tools.run([executable, *args, "-q"], cwd=self.path).stdout.decode()
 
     def dvc_concurrently(self, *commands: Sequence[str | os.PathLike]) -> None:
-        """Several dvc commands in this registry at once. Each waits for the repository lock
-        (`dvc --wait-for-lock`), so they overlap DVC's start-up and what a command does before
-        locking, and change the workspace one at a time, in no fixed order."""
+        """Several dvc commands in this (DVC 3) registry at once. Each waits for the repository
+        lock (`dvc --wait-for-lock`, which DVC 2 lacks), so they overlap DVC's start-up and what a
+        command does before locking, and change the workspace one at a time, in no fixed order."""
         run_concurrently(*(lambda command=command: self.dvc("--wait-for-lock", *command) for command in commands))
 
     def add(self, *paths: str) -> None:
