@@ -48,10 +48,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 # -- tools, oracle, S3 -------------------------------------------------------------------------
 
 
-# Modules that take minutes run first: pytest-xdist hands whole modules (--dist loadfile) to its
-# workers in collection order, and one of these started last would run alone at the end.
-_SLOW_MODULES = ("test_imports", "test_faults", "test_cloud_versioning", "test_pipeline", "test_api",
-                 "test_remote_faults", "test_git_faults", "test_legacy", "test_prefetch", "test_cache_mgmt")
+# Modules that take minutes run first, slowest first: pytest-xdist hands whole modules (--dist
+# loadfile) to its workers in collection order, and one of these started last would run alone at
+# the end. Of the first four only two need the basic registry (one worker builds it, see `basic`).
+_SLOW_MODULES = ("test_faults", "test_git_faults", "test_cache_mgmt", "test_imports", "test_credentials",
+                 "test_api", "test_prefetch", "test_hostile_names", "test_remote_faults", "test_layouts",
+                 "test_fuzz", "test_pipeline", "test_cloud_versioning", "test_legacy")
 
 
 def pytest_collection_modifyitems(items: list) -> None:

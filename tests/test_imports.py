@@ -73,8 +73,10 @@ def build_legacy_source(tools, parent: Path) -> Registry:
 
 
 @pytest.fixture(scope="module")
-def imports(basic, tools, tmp_path_factory) -> Imports:
+def imports(request, tools, tmp_path_factory) -> Imports:
     parent = tmp_path_factory.mktemp("imports")
+    # The basic registry is asked for only once these are built: another pytest-xdist worker may
+    # be building it meanwhile.
     options, no_remote, legacy, registry, chained = run_concurrently(
         lambda: build_options_source(tools, parent),
         lambda: build_no_remote_source(tools, parent),
@@ -86,7 +88,7 @@ def imports(basic, tools, tmp_path_factory) -> Imports:
     config_file = parent / "import-config"
     config_file.write_text("[core]\n    remote = alt\n['remote \"alt\"']\n    url = ../options-alt\n")
 
-    source = str(basic.path)
+    source = str(request.getfixturevalue("basic").path)
     (registry.path / "imported").mkdir()
     registry.write(str(parent / "external" / "ext.bin"), b"\x00imported from a local path\xff")
     registry.write(str(parent / "web" / "page.txt"), "imported from a URL\n")
