@@ -3,9 +3,9 @@
 The mirror lives under the cache directory, one per URL, and is fetched with `+refs/heads/*` and
 `+refs/tags/*` refspecs (pruning refs the URL no longer has, never objects, so an old commit stays
 readable by sha); no working tree is ever checked out. A fetch gives up on a server that does not
-connect within 10 s or stays silent for 30 s. Fetches of one mirror by several processes are
-serialised by a lock file beside it. Commits and blobs are immutable, so everything
-read by sha can be cached forever by callers.
+connect within 10 s or stays silent for 30 s ($REGFS_GIT_TIMEOUT changes the 30 s). Fetches of
+one mirror by several processes are serialised by a lock file beside it. Commits and blobs are
+immutable, so everything read by sha can be cached forever by callers.
 """
 
 import contextlib
@@ -33,9 +33,10 @@ pygit2.option(pygit2.enums.Option.SET_OWNER_VALIDATION, 0)
 # libgit2 waits forever by default on a server that accepts a connection and never answers, which
 # would hang a mount's start (and hold the mirror's lock against every other daemon). git servers
 # send a keep-alive at least every 5 s while they prepare a pack (`uploadpack.keepAlive`), so 30 s
-# of silence means the server is gone. Both values are milliseconds.
+# of silence means the server is gone. Both values are milliseconds; $REGFS_GIT_TIMEOUT (seconds)
+# replaces the 30 s, for a server known to answer slowly or a test that waits on a hung one.
 CONNECT_TIMEOUT_MS = 10_000
-SERVER_TIMEOUT_MS = 30_000
+SERVER_TIMEOUT_MS = round(float(os.environ.get("REGFS_GIT_TIMEOUT") or 30) * 1000)
 pygit2.option(pygit2.enums.Option.SET_SERVER_CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
 pygit2.option(pygit2.enums.Option.SET_SERVER_TIMEOUT, SERVER_TIMEOUT_MS)
 

@@ -2,18 +2,19 @@
 GCS emulator, FUSE mounts and the basic registry that several modules share.
 
 Registries are built once per session with the real git and dvc CLIs (each dvc call costs about
-a second) and never modified after their fixture returns; a test that needs to change a registry
-builds or copies its own.
+a second), the basic registry once per run (pytest-xdist workers share it), and never modified
+after their fixture returns; a test that needs to change a registry builds or copies its own.
 """
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +48,12 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 # -- tools, oracle, S3 -------------------------------------------------------------------------
 
 
-# Modules that take minutes run first: pytest-xdist hands whole modules (--dist loadfile) to its
-# workers in collection order, and one of these started last would run alone at the end.
-_SLOW_MODULES = ("test_imports", "test_faults", "test_cloud_versioning", "test_pipeline", "test_api",
-                 "test_remote_faults", "test_git_faults", "test_legacy", "test_prefetch", "test_cache_mgmt")
+# Modules that take minutes run first, slowest first: pytest-xdist hands whole modules (--dist
+# loadfile) to its workers in collection order, and one of these started last would run alone at
+# the end. Of the first four only two need the basic registry (one worker builds it, see `basic`).
+_SLOW_MODULES = ("test_faults", "test_git_faults", "test_cache_mgmt", "test_imports", "test_credentials",
+                 "test_api", "test_prefetch", "test_hostile_names", "test_remote_faults", "test_layouts",
+                 "test_fuzz", "test_pipeline", "test_cloud_versioning", "test_legacy")
 
 
 def pytest_collection_modifyitems(items: list) -> None:
@@ -100,34 +103,31 @@ def s3_server() -> Iterator[S3Server]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def ssh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
-    """OpenSSH's sshd on 127.0.0.1 and a free port, key authentication (tests/servers.py)."""
-    server = SSHServer(tmp_path_factory.mktemp("sshd")).start()
+def _running(server: SSHServer | Azurite | GCSServer) -> Iterator:
+    """The body of a session fixture of a tests/servers.py server: started, stopped at the end."""
+    server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def ssh_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHServer]:
+    """OpenSSH's sshd on 127.0.0.1 and a free port, key authentication (tests/servers.py)."""
+    yield from _running(SSHServer(tmp_path_factory.mktemp("sshd")))
 
 
 @pytest.fixture(scope="session")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
     """Azurite's blob service on 127.0.0.1 and a free port, in memory (tests/servers.py)."""
-    server = Azurite(tmp_path_factory.mktemp("azurite")).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(Azurite(tmp_path_factory.mktemp("azurite")))
 
 
 @pytest.fixture(scope="session")
 def gcs_server() -> Iterator[GCSServer]:
     """gcp-storage-emulator on 127.0.0.1 and a free port, in memory (tests/servers.py)."""
-    server = GCSServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running(GCSServer())
 
 
 # -- mounts ------------------------------------------------------------------------------------
@@ -138,13 +138,14 @@ MountFactory = Callable[..., Mount]
 
 @pytest.fixture
 def mount(tools: Tools, tmp_path: Path) -> Iterator[MountFactory]:
-    """`mount(source, *cli_args, cache_dir=None, expect_errors=None, check=True, mountpoint=None)`.
+    """`mount(source, *cli_args, cache_dir=None, expect_errors=None, check=True, mountpoint=None,
+    env=None)`.
 
     Returns a started `Mount`. Each mount gets its own new mountpoint and log file and, unless
-    given, a fresh cache dir. With `check`, a failed `regfs mount` fails the test. At teardown
-    every mount is unmounted; the test fails if one could not be, if a daemon survived
-    `regfs umount`, or if a daemon logged an ERROR line that `expect_errors` (True, or a regex
-    every such line must match) did not allow.
+    given, a fresh cache dir; `env` adds variables to the suite's environment for regfs. With
+    `check`, a failed `regfs mount` fails the test. At teardown every mount is unmounted; the test
+    fails if one could not be, if a daemon survived `regfs umount`, or if a daemon logged an ERROR
+    line that `expect_errors` (True, or a regex every such line must match) did not allow.
     """
     mounts: list[Mount] = []
     numbers = itertools.count()
@@ -156,6 +157,7 @@ def mount(tools: Tools, tmp_path: Path) -> Iterator[MountFactory]:
         expect_errors: bool | str | None = None,
         check: bool = True,
         mountpoint: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Mount:
         number = next(numbers)
         mounted = Mount(
@@ -164,7 +166,7 @@ def mount(tools: Tools, tmp_path: Path) -> Iterator[MountFactory]:
             create_mountpoint=mountpoint is None,
             cache_dir=cache_dir or tmp_path / f"cache{number}",
             log_file=tmp_path / f"regfs{number}.log",
-            env=tools.env,
+            env={**tools.env, **(env or {})},
             workdir=tmp_path / f"cli{number}",
             extra_args=list(cli_args),
             expect_errors=expect_errors,
@@ -277,4 +279,18 @@ def build_basic(tools: Tools, parent: Path) -> BasicRegistry:
 
 @pytest.fixture(scope="session")
 def basic(tools: Tools, tmp_path_factory: pytest.TempPathFactory) -> BasicRegistry:
-    return build_basic(tools, tmp_path_factory.mktemp("basic"))
+    """Built once per test run: under pytest-xdist the first worker to need it builds it in the
+    run's base directory (each worker's is inside), holding a lock file that the others wait on,
+    and every worker reads that one (the registry is never modified after it is built)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build_basic(tools, tmp_path_factory.mktemp("basic"))
+    shared = tmp_path_factory.getbasetemp().parent / "basic"
+    with open(shared.parent / "basic.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / "built").exists():
+            shutil.rmtree(shared, ignore_errors=True)  # left by a worker that failed building it
+            shared.mkdir()
+            build_basic(tools, shared)
+            (shared / "built").touch()
+    registry = Registry(tools, shared / "registry", tools.dvc3)
+    return BasicRegistry(registry, shared / "store", registry.refs())

@@ -8,6 +8,10 @@ rejects (see test_broken_inputs.py).
 Every command runs with one clean environment (`Tools.env`): a private HOME, so neither the
 user's git nor DVC global config leaks in, no analytics, a private DVC site cache, fixed git
 identities and the fake AWS credentials that the moto server accepts.
+
+A fixture whose steps do not depend on each other runs them at once (`run_concurrently`,
+`Registry.dvc_concurrently`): a dvc command spends most of its time starting up and waiting on
+files and sockets, so several overlap even on two cores.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import random
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +34,8 @@ from tests.trees import Snapshot, snapshot
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 COMMAND_TIMEOUT = 300
+# At most this many commands of one fixture at once: more only queue for the cores.
+CONCURRENT_COMMANDS = 6
 
 
 class CommandFailed(AssertionError):
@@ -38,6 +45,14 @@ class CommandFailed(AssertionError):
 def random_bytes(seed: int, size: int) -> bytes:
     """Deterministic incompressible test data."""
     return random.Random(seed).randbytes(size)
+
+
+def run_concurrently(*steps: Callable[[], object]) -> list:
+    """Call independent steps in threads; their results in order. The first failure is raised
+    once every step has ended (no step is left running behind a failed fixture)."""
+    with ThreadPoolExecutor(min(len(steps), CONCURRENT_COMMANDS)) as pool:
+        futures = [pool.submit(step) for step in steps]
+    return [future.result() for future in futures]
 
 
 def find_dvc3() -> Path:
@@ -191,6 +206,12 @@ class Registry:
         executable = dvc_executable or self.dvc_executable
         return self.tools.run([executable, *args, "-q"], cwd=self.path).stdout.decode()
 
+    def dvc_concurrently(self, *commands: Sequence[str | os.PathLike]) -> None:
+        """Several dvc commands in this (DVC 3) registry at once. Each waits for the repository
+        lock (`dvc --wait-for-lock`, which DVC 2 lacks), so they overlap DVC's start-up and what a
+        command does before locking, and change the workspace one at a time, in no fixed order."""
+        run_concurrently(*(lambda command=command: self.dvc("--wait-for-lock", *command) for command in commands))
+
     def add(self, *paths: str) -> None:
         self.dvc("add", *paths)
 
@@ -308,12 +329,11 @@ class Oracle:
         subrepos = tuple(subrepos)
         extra_env = tuple(sorted((env or {}).items()))
         run_env = {**self.tools.env, **dict(extra_env)}
-        commit = self.tools.run(
-            ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=source
-        ).stdout.decode().strip()
+        commit = self._commit(source, rev)
         key = (str(source), commit, str(executable), local_config, pull_args, pull_check, subrepos, extra_env)
         if key not in self._clones:
-            workspace = source.parent / f".oracle-{source.name}-{commit[:10]}-{next(self._counter)}"
+            # The pid: pytest-xdist workers share the basic registry, and clone it side by side.
+            workspace = source.parent / f".oracle-{source.name}-{commit[:10]}-{os.getpid()}-{next(self._counter)}"
             self.tools.run(["git", "clone", "-q", "--no-checkout", source, workspace], cwd=source.parent)
             self.tools.run(["git", "checkout", "-q", commit], cwd=workspace)
             for remote, option, value in local_config:
@@ -324,6 +344,16 @@ class Oracle:
                                check=pull_check, env=run_env)
             self._clones[key] = workspace
         return self._clones[key]
+
+    def trees(self, source: Path, revs: Iterable[str], **options) -> dict[str, Snapshot]:
+        """`tree` of each revision, the pulls of different commits at once (`run_concurrently`);
+        `options` as for `clone`."""
+        by_commit = {self._commit(source, rev): rev for rev in revs}
+        run_concurrently(*(lambda rev=rev: self.clone(source, rev, **options) for rev in by_commit.values()))
+        return {rev: self.tree(source, rev, **options) for rev in revs}
+
+    def _commit(self, source: Path, rev: str) -> str:
+        return self.tools.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=source).stdout.decode().strip()
 
     def tree(
         self,

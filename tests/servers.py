@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry import PROJECT_ROOT, Registry, random_bytes
+from tests.registry import PROJECT_ROOT, Registry, Tools, random_bytes
 
 START_TIMEOUT = 60
 AZURITE = PROJECT_ROOT / "tests" / "node" / "node_modules" / ".bin" / "azurite-blob"
@@ -35,15 +35,26 @@ AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
-def add_sample_data(registry: Registry, seed: int, where: str) -> None:
-    """`dvc add` the outputs that each remote type's registry holds: a text file, an executable,
-    a directory with nested and non-ASCII names, and an object of more than one ranged read."""
+def sample_registry(tools: Tools, path: Path, remote: str, url: str, options: list[tuple[str | Path, ...]],
+                    seed: int, where: str) -> Registry:
+    """A registry whose default remote `remote` at `url`, configured with `options` (the
+    arguments of `dvc remote modify REMOTE`, such as `("--local", KEY, VALUE)`), holds what each
+    remote type's registry holds, pushed and committed: a text file, an executable, a directory
+    with nested and non-ASCII names, and an object of more than one ranged read."""
+    registry = Registry.create(tools, path)
+    registry.dvc("remote", "add", "-d", remote, url)
+    for option in options:
+        flags, (key, value) = option[:-2], option[-2:]
+        registry.dvc("remote", "modify", *flags, remote, key, value)
     registry.write("plain.txt", f"stored {where}\n")
     registry.write("tool.sh", f"#!/bin/sh\necho {where}\n", executable=True)
     registry.write("blobs/one.bin", random_bytes(seed, 70_000))
     registry.write("blobs/nested/ééé.txt", "accents\n")
     registry.write("big.bin", random_bytes(seed + 1, 9 * 1024 * 1024 + seed))
     registry.add("plain.txt", "tool.sh", "blobs", "big.bin")
+    registry.push()
+    registry.commit(f"data {where}")
+    return registry
 
 
 def read_fails_with_eio(mounted, relpath: str, remote: str) -> str:

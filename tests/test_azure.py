@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from tests.registry import Registry
-from tests.servers import AZURITE_KEY, add_sample_data, free_port, read_fails_with_eio
+from tests.servers import AZURITE_KEY, free_port, read_fails_with_eio, sample_registry
 from tests.test_credentials import assert_no_secret, exposed
 from tests.trees import assert_same_tree, snapshot
 
@@ -23,13 +23,9 @@ WRONG_KEY = "V3JvbmdLZXlXcm9uZ0tleVdyb25nS2V5V3JvbmdLZXk="
 @pytest.fixture(scope="module")
 def azure_registry(tools, azurite, tmp_path_factory) -> Registry:
     azurite.create_container(CONTAINER)
-    registry = Registry.create(tools, tmp_path_factory.mktemp("azure") / "registry")
-    registry.dvc("remote", "add", "-d", "azstore", f"azure://{CONTAINER}/prefix")
-    registry.dvc("remote", "modify", "--local", "azstore", "connection_string", azurite.connection_string())
-    add_sample_data(registry, 41, "in a blob container")
-    registry.push()
-    registry.commit("data on Azure")
-    return registry
+    return sample_registry(tools, tmp_path_factory.mktemp("azure") / "registry", "azstore",
+                           f"azure://{CONTAINER}/prefix", [("--local", "connection_string", azurite.connection_string())],
+                           41, "in a blob container")
 
 
 def connection(azurite, **kwargs) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.registry import Registry, random_bytes
+from tests.registry import Registry, random_bytes, run_concurrently
 from tests.trees import assert_same_tree, cache_objects, md5_hex, snapshot
 
 BUCKET = "versioned-bucket"
@@ -59,14 +59,8 @@ def to_flat_form(path: Path) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def versioned_registry(tools, s3_server, tmp_path_factory) -> VersionedRegistry:
-    _versioned_bucket(s3_server.endpoint_url)
-    registry = Registry.create(tools, tmp_path_factory.mktemp("cloud-versioning") / "registry")
-    _remote(registry, "versioned", "registry", "version_aware", s3_server.endpoint_url, default=True)
-    registry.commit("a version-aware remote")
-    base = registry.rev_parse("HEAD")
-
+def build_main_and_flat(registry: Registry) -> bytes:
+    """main (v1, v2) on the version-aware remote, and flat from v1; returns model.bin at v1."""
     overwritten = random_bytes(61, 300_000)
     registry.write("data/a.txt", "a version 1\n")
     registry.write("data/sub/c.txt", "c, removed in v2\n")
@@ -95,10 +89,14 @@ def versioned_registry(tools, s3_server, tmp_path_factory) -> VersionedRegistry:
     for metafile in ("data.dvc", "model.bin.dvc", "dvc.lock"):
         to_flat_form(registry.path / metafile)
     registry.commit("v1 in the flat form")
+    registry.checkout("main")
+    return overwritten
 
-    registry.checkout(base)
+
+def build_worktree(registry: Registry, endpoint_url: str) -> None:
+    """The branch worktree, from the commit `registry` is at, with tags wt1 and wt2."""
     registry.checkout("worktree", new_branch=True)
-    _remote(registry, "wt", "worktree", "worktree", s3_server.endpoint_url, default=True)
+    _remote(registry, "wt", "worktree", "worktree", endpoint_url, default=True)
     for version in (1, 2):
         registry.write("w.txt", f"worktree file, version {version}\n")
         registry.write("wdir/x.bin", random_bytes(62 + version, 50_000))
@@ -107,7 +105,22 @@ def versioned_registry(tools, s3_server, tmp_path_factory) -> VersionedRegistry:
         registry.push()
         registry.commit(f"worktree version {version}")
         registry.tag(f"wt{version}")
-    registry.checkout("main")
+
+
+@pytest.fixture(scope="module")
+def versioned_registry(tools, s3_server, tmp_path_factory) -> VersionedRegistry:
+    _versioned_bucket(s3_server.endpoint_url)
+    parent = tmp_path_factory.mktemp("cloud-versioning")
+    registry = Registry.create(tools, parent / "registry")
+    _remote(registry, "versioned", "registry", "version_aware", s3_server.endpoint_url, default=True)
+    registry.commit("a version-aware remote")
+    # The worktree branch is built at once in a clone (its data goes to its own remote and
+    # prefix, none to the registry's cache) and fetched into the registry with its tags.
+    tools.run(["git", "clone", "-q", registry.path, parent / "worktree-build"], cwd=parent)
+    builder = Registry(tools, parent / "worktree-build", tools.dvc3)
+    overwritten, _ = run_concurrently(lambda: build_main_and_flat(registry),
+                                      lambda: build_worktree(builder, s3_server.endpoint_url))
+    registry.git("fetch", "-q", "--tags", builder.path, "worktree:worktree")
     return VersionedRegistry(registry, overwritten)
 
 
@@ -116,9 +129,10 @@ def test_every_revision_equals_the_oracle(versioned_registry, mount, oracle):
     assert "cloud:" in (registry.path / "dvc.lock").read_text(), "the fixture has no cloud-versioned dvc.lock"
     flat = registry.git("show", "flat:data.dvc")
     assert "version_id" in flat and "cloud:" not in flat, flat
+    expected = oracle.trees(registry.path, ("v1", "v2", "flat", "wt1", "wt2"))
     mounted = mount(registry.path)
-    for ref in ("v1", "v2", "flat", "wt1", "wt2"):
-        assert_same_tree(snapshot(mounted / ref), oracle.tree(registry.path, ref), f"cloud versioning @{ref}")
+    for ref, tree in expected.items():
+        assert_same_tree(snapshot(mounted / ref), tree, f"cloud versioning @{ref}")
     # The cache still names objects by their md5, as DVC's does.
     digest = md5_hex(versioned_registry.overwritten)
     assert f"files/md5/{digest[:2]}/{digest[2:]}" in cache_objects(mounted.cache_dir)

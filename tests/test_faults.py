@@ -44,7 +44,6 @@ from tests.trees import (
 )
 
 
-
 def _mount(tools, source, mountpoint: Path, cache: Path, log: Path, workdir: Path):
     result = run_cli(["mount", source, mountpoint, "--cache-dir", cache, "--log-file", log, "--refresh", "0"],
                      tools.env, workdir)
@@ -197,11 +196,12 @@ DEAD_ENDPOINT = "http://127.0.0.1:9"  # the discard port: nothing listens, conne
 UNCACHED = ["big.bin", "data/sub/deeper/x.bin"]
 
 
-def check_offline_mount(mount, source: str, cache: Path, oracle_tree: dict, go_offline) -> None:
+def check_offline_mount(mount, source: str, cache: Path, oracle_tree: dict, go_offline, *offline_args: str,
+                        offline_env: dict[str, str] | None = None) -> None:
     """Mount `source` and read all of `main` but UNCACHED into `cache`; unmount; `go_offline()`;
-    then a new mount on the same cache must start from the mirror, saying so, show the same refs,
-    read every cached file right, and fail each uncached one with EIO and a log line naming it,
-    without hanging."""
+    then a new mount on the same cache (given `offline_args` and `offline_env`) must start from
+    the mirror, saying so, show the same refs, read every cached file right, and fail each
+    uncached one with EIO and a log line naming it, without hanging."""
     expected = {path: entry for path, entry in oracle_tree.items() if path not in UNCACHED}
     first = mount(source, "--refresh", "0", "--dir-readahead", "0", cache_dir=cache)  # UNCACHED stay so
     refs = snapshot(first.path)  # the ref symlinks, and directories for names with /
@@ -211,7 +211,8 @@ def check_offline_mount(mount, source: str, cache: Path, oracle_tree: dict, go_o
     go_offline()
     uncached_ids = [md5_hex(oracle_tree[path][2]) for path in UNCACHED]
     started = time.monotonic()
-    second = mount(source, "--refresh", "0", cache_dir=cache, expect_errors="|".join(uncached_ids))
+    second = mount(source, "--refresh", "0", *offline_args, cache_dir=cache, env=offline_env,
+                   expect_errors="|".join(uncached_ids))
     assert time.monotonic() - started < 120, "starting offline took longer than the Git timeouts allow"
     assert "serving the mirror as fetched at" in second.log_text(), second.log_tail()
     assert snapshot(second.path) == refs
@@ -244,7 +245,9 @@ def test_offline_local_registry_and_remote_gone(basic, mount, oracle, tmp_path):
 def test_offline_git_server_hung_and_s3_gone(tools, mount, oracle, tmp_path):
     """The registry is served over git:// and its remote is S3. Offline, the Git server's address
     accepts connections but never answers (a hung server), and nothing listens at the S3
-    endpoint any more."""
+    endpoint any more. The offline mount gives the Git server 3 s of silence ($REGFS_GIT_TIMEOUT,
+    not 30 s) and the S3 remote 2 retries (not 5): what is checked is that both are given up and
+    the mirror and cache serve, not the default budgets (test_remote_faults.py checks retrying)."""
     from moto.server import ThreadedMotoServer
 
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -271,7 +274,8 @@ def test_offline_git_server_hung_and_s3_gone(tools, mount, oracle, tmp_path):
             s3.stop()
             s3_running = False
 
-        check_offline_mount(mount, published.url, tmp_path / "cache", oracle_tree, go_offline)
+        check_offline_mount(mount, published.url, tmp_path / "cache", oracle_tree, go_offline,
+                            "--remote-config", "s3.retries=2", offline_env={"REGFS_GIT_TIMEOUT": "3"})
     finally:
         if published is not None:
             published.server.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from tests.registry import Registry
-from tests.servers import add_sample_data, free_port, read_fails_with_eio
+from tests.servers import free_port, read_fails_with_eio, sample_registry
 from tests.trees import assert_same_tree, snapshot
 
 BUCKET = "registry-bucket"
@@ -21,14 +21,9 @@ BUCKET = "registry-bucket"
 @pytest.fixture(scope="module")
 def gcs_registry(tools, gcs_server, tmp_path_factory) -> Registry:
     gcs_server.create_bucket(BUCKET)
-    registry = Registry.create(tools, tmp_path_factory.mktemp("gcs") / "registry")
-    registry.dvc("remote", "add", "-d", "gsstore", f"gs://{BUCKET}/prefix")
-    registry.dvc("remote", "modify", "gsstore", "endpointurl", gcs_server.endpoint)
-    registry.dvc("remote", "modify", "gsstore", "allow_anonymous_login", "true")
-    add_sample_data(registry, 51, "in a GCS bucket")
-    registry.push()
-    registry.commit("data on GCS")
-    return registry
+    return sample_registry(tools, tmp_path_factory.mktemp("gcs") / "registry", "gsstore", f"gs://{BUCKET}/prefix",
+                           [("endpointurl", gcs_server.endpoint), ("allow_anonymous_login", "true")],
+                           51, "in a GCS bucket")
 
 
 def test_gcs_registry_equals_the_oracle(gcs_registry, mount, oracle):

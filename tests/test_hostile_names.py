@@ -230,7 +230,8 @@ def test_url_at_a_hostile_name_pins_that_commit(hostile, mount, oracle, no_canar
     """`regfs mount URL@NAME` for every hostile name (three mounts at a time, one cache)."""
     names = [*PINNED_BY_MOUNT, CANARY_COMMANDS[1].format(canary=hostile.canaries[1]), hostile.commits[0][:12],
              hostile.commits[0]]
-    expected = {name: oracle.tree(hostile.path, hostile.pinnable[name]) for name in names}
+    trees = oracle.trees(hostile.path, [hostile.pinnable[name] for name in names])
+    expected = {name: trees[hostile.pinnable[name]] for name in names}
 
     def check(name: str) -> str | None:
         mounted = mount(f"{hostile.path}@{name}", check=False, cache_dir=tmp_path / "shared-cache")

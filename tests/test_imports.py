@@ -28,7 +28,7 @@ import pytest
 
 from tests.httpserver import HTTPRemoteServer
 from tests.lsparity import assert_ls_matches_dvc_list
-from tests.registry import Registry
+from tests.registry import Registry, run_concurrently
 from tests.trees import assert_same_tree, snapshot
 
 
@@ -73,49 +73,53 @@ def build_legacy_source(tools, parent: Path) -> Registry:
 
 
 @pytest.fixture(scope="module")
-def imports(basic, tools, tmp_path_factory) -> Imports:
+def imports(request, tools, tmp_path_factory) -> Imports:
     parent = tmp_path_factory.mktemp("imports")
-    options = build_options_source(tools, parent)
-    no_remote = build_no_remote_source(tools, parent)
-    legacy = build_legacy_source(tools, parent)
+    # The basic registry is asked for only once these are built: another pytest-xdist worker may
+    # be building it meanwhile.
+    options, no_remote, legacy, registry, chained = run_concurrently(
+        lambda: build_options_source(tools, parent),
+        lambda: build_no_remote_source(tools, parent),
+        lambda: build_legacy_source(tools, parent),
+        lambda: Registry.create(tools, parent / "importer", remotes={"store": "../store"}, default_remote="store"),
+        lambda: Registry.create(tools, parent / "chained", remotes={"store": "../chained-store"},
+                                default_remote="store"))
     alt = str(parent / "options-alt")
     config_file = parent / "import-config"
     config_file.write_text("[core]\n    remote = alt\n['remote \"alt\"']\n    url = ../options-alt\n")
 
-    registry = Registry.create(tools, parent / "importer", remotes={"store": "../store"}, default_remote="store")
-    source = str(basic.path)
+    source = str(request.getfixturevalue("basic").path)
     (registry.path / "imported").mkdir()
-    registry.dvc("import", source, "run.sh")
-    registry.dvc("import", source, "data", "-o", "imported/data")
-    registry.dvc("import", "--rev", "v1.0", source, "données/été 1.txt", "-o", "imported/old été.txt")
-    registry.dvc("import", "--rev", "feature/x", source, "feature.txt", "-o", "imported/feature.txt")
-    registry.dvc("import", source, "README.txt", "-o", "imported/readme-from-git.txt")
-    registry.dvc("import", source, "data/sub/tool.sh", "-o", "imported/tool-from-a-directory.sh")
-    registry.dvc("import", "--no-download", source, "models/v1/weights.bin", "-o", "imported/weights.bin")
-    registry.dvc("import", "--remote", "alt", str(options.path), "only-alt.txt")
-    registry.dvc("import", "--config", str(config_file), str(options.path), "cfg.txt")
-    registry.dvc("import", str(options.path), "rc-default.txt", "--remote-config", "url=../options-alt")
-    registry.dvc("import", str(options.path), "rc-named.txt", "--remote", "alt2", "--remote-config", f"url={alt}")
-    registry.dvc("import", str(no_remote.path), "nr-dir")
-    registry.dvc("import", "--no-download", str(no_remote.path), "nd-dir")
-    registry.dvc("import", str(legacy.path), "legacy-dir")
     registry.write(str(parent / "external" / "ext.bin"), b"\x00imported from a local path\xff")
-    registry.dvc("import-url", str(parent / "external" / "ext.bin"), "ext.bin")
     registry.write(str(parent / "web" / "page.txt"), "imported from a URL\n")
+    registry.write("own.txt", "the importer's own output\n")
     server = HTTPRemoteServer(parent / "web").start()
     try:
-        registry.dvc("import-url", f"{server.url}/page.txt", "page.txt")
+        registry.dvc_concurrently(
+            ("import", source, "run.sh"),
+            ("import", source, "data", "-o", "imported/data"),
+            ("import", "--rev", "v1.0", source, "données/été 1.txt", "-o", "imported/old été.txt"),
+            ("import", "--rev", "feature/x", source, "feature.txt", "-o", "imported/feature.txt"),
+            ("import", source, "README.txt", "-o", "imported/readme-from-git.txt"),
+            ("import", source, "data/sub/tool.sh", "-o", "imported/tool-from-a-directory.sh"),
+            ("import", "--no-download", source, "models/v1/weights.bin", "-o", "imported/weights.bin"),
+            ("import", "--remote", "alt", options.path, "only-alt.txt"),
+            ("import", "--config", config_file, options.path, "cfg.txt"),
+            ("import", options.path, "rc-default.txt", "--remote-config", "url=../options-alt"),
+            ("import", options.path, "rc-named.txt", "--remote", "alt2", "--remote-config", f"url={alt}"),
+            ("import", no_remote.path, "nr-dir"),
+            ("import", "--no-download", no_remote.path, "nd-dir"),
+            ("import", legacy.path, "legacy-dir"),
+            ("import-url", parent / "external" / "ext.bin", "ext.bin"),
+            ("import-url", f"{server.url}/page.txt", "page.txt"),
+            ("add", "own.txt"))
     finally:
         server.stop()
-    registry.write("own.txt", "the importer's own output\n")
-    registry.add("own.txt")
     registry.push()
     registry.commit("imports")
 
-    chained = Registry.create(tools, parent / "chained", remotes={"store": "../chained-store"},
-                              default_remote="store")
-    chained.dvc("import", str(registry.path), "run.sh", "-o", "run-via-importer.sh")
-    chained.dvc("import", str(registry.path), "imported/data", "-o", "data-via-importer")
+    chained.dvc_concurrently(("import", registry.path, "run.sh", "-o", "run-via-importer.sh"),
+                             ("import", registry.path, "imported/data", "-o", "data-via-importer"))
     chained.commit("imports of imports")
     # Hand-written (DVC cannot make them): imports of themselves, a file and a directory.
     chained.checkout("cycle", new_branch=True)

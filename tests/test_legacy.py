@@ -149,8 +149,9 @@ def test_dvc2_and_dvc3_agree_on_the_legacy_commit(legacy, oracle, tools):
 def test_legacy_and_mixed_commits_equal_the_oracle(legacy, mount, oracle, tools):
     source = legacy.registry.path
     mounted = mount(source)
-    assert_same_tree(snapshot(mounted / "legacy"), oracle.tree(source, "legacy"), "legacy (DVC 2) commit")
-    assert_same_tree(snapshot(mounted / "main"), oracle.tree(source, "main"), "mixed DVC 2 + 3 commit")
+    expected = oracle.trees(source, ("legacy", "main"))
+    assert_same_tree(snapshot(mounted / "legacy"), expected["legacy"], "legacy (DVC 2) commit")
+    assert_same_tree(snapshot(mounted / "main"), expected["main"], "mixed DVC 2 + 3 commit")
 
 
 def test_pinned_legacy_commit_with_dvc2_oracle(legacy, mount, oracle, tools):

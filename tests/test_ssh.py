@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.registry import Registry
-from tests.servers import SSHServer, add_sample_data, free_port, read_fails_with_eio
+from tests.servers import SSHServer, free_port, read_fails_with_eio, sample_registry
 from tests.trees import assert_same_tree, snapshot
 
 
@@ -35,12 +35,8 @@ def ssh_registry(tools, ssh_server, tmp_path_factory) -> SSHRegistry:
     parent = tmp_path_factory.mktemp("ssh")
     store = parent / "store"
     store.mkdir()
-    registry = Registry.create(tools, parent / "registry")
-    registry.dvc("remote", "add", "-d", "sshstore", ssh_server.url(store))
-    registry.dvc("remote", "modify", "--local", "sshstore", "keyfile", ssh_server.keyfile)
-    add_sample_data(registry, 31, "over SFTP")
-    registry.push()
-    registry.commit("data over SSH")
+    registry = sample_registry(tools, parent / "registry", "sshstore", ssh_server.url(store),
+                               [("--local", "keyfile", ssh_server.keyfile)], 31, "over SFTP")
 
     registry.checkout("options", new_branch=True)
     registry.dvc("remote", "modify", "sshstore", "url", f"ssh://127.0.0.1{store}")
@@ -55,8 +51,8 @@ def test_ssh_registry_equals_the_oracle(ssh_registry, mount, oracle):
     source = ssh_registry.registry.path
     mounted = mount(source, *ssh_registry.options())
     local = [("sshstore", "keyfile", str(ssh_registry.server.keyfile))]
-    for ref in ("main", "options"):
-        assert_same_tree(snapshot(mounted / ref), oracle.tree(source, ref, local_config=local), f"SSH @{ref}")
+    for ref, expected in oracle.trees(source, ("main", "options"), local_config=local).items():
+        assert_same_tree(snapshot(mounted / ref), expected, f"SSH @{ref}")
 
 
 def test_a_refused_login_is_eio_through_the_mount(ssh_registry, mount):
