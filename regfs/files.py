@@ -2,8 +2,8 @@
 
 A file below `@<sha>` never changes, so a read needs no per-open state: the kernel sends reads by
 path (regfs answers `open` with ENOSYS, see regfs/fuse.py), and every reader of one object, in any
-open, shares one descriptor of its cache file, read with `os.pread` (positional, so sharing needs
-no lock around the read itself).
+open, shares one descriptor of its cache file, read with `os.pread`, or `os.preadv` straight into
+the FUSE reply buffer (`read_into`): positional, so sharing needs no lock around the read itself.
 
 The kernel says nothing when a file is closed, so "in use" means "read in the last `idle`
 seconds": while its descriptor is here, an object is held in the cache (this process's evictor
@@ -29,11 +29,12 @@ dropped, and `on_wrong_bytes(paths)` lets the FUSE layer drop the kernel's cache
 paths, so every later read reaches the daemon and fails with EIO.
 """
 
+import contextlib
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from cachetools import LRUCache
 
@@ -74,20 +75,35 @@ class OpenFiles:
         self._sweeper: threading.Thread | None = None
 
     def read(self, node: Node, size: int, offset: int, path: str | None = None) -> bytes:
-        """`size` bytes at `offset`; `path` is the one the kernel asked for (it may cache them)."""
-        if isinstance(node, ImportedFileNode):
-            node = node.target()
-        if isinstance(node, ObjectNode):
-            descriptor = self._acquire(node)
-            try:
-                if descriptor.download is not None:
-                    self._wait_streamed(descriptor, offset, offset + size, path)
-                return os.pread(descriptor.fd, size, offset)
-            finally:
-                self._release(descriptor)
+        """`size` bytes at `offset` (fewer at the end); `path` is the one the kernel asked for (it
+        may cache them)."""
+        node = _regular(node)
         if isinstance(node, BlobNode):
             return self._blob(node)[offset:offset + size]
-        raise PathNotFound("not a regular file")
+        with self._reading(node, offset, offset + size, path) as fd:
+            return os.pread(fd, size, offset)
+
+    def read_into(self, node: Node, buffer: memoryview, offset: int, path: str | None = None) -> int:
+        """`read` into `buffer` (as many bytes as it holds, at most), with no copy in Python: the
+        kernel writes an object's bytes straight into it. Returns the count read."""
+        node = _regular(node)
+        if isinstance(node, BlobNode):
+            data = self._blob(node)[offset:offset + len(buffer)]
+            buffer[:len(data)] = data
+            return len(data)
+        with self._reading(node, offset, offset + len(buffer), path) as fd:
+            return os.preadv(fd, [buffer], offset)
+
+    @contextlib.contextmanager
+    def _reading(self, node: ObjectNode, start: int, end: int, path: str | None) -> Iterator[int]:
+        """The descriptor to read bytes `start` to `end` of the object from, once they are there."""
+        descriptor = self._acquire(node)
+        try:
+            if descriptor.download is not None:
+                self._wait_streamed(descriptor, start, end, path)
+            yield descriptor.fd
+        finally:
+            self._release(descriptor)
 
     def in_use(self) -> set[ObjectRef]:
         """Objects with an open cache file here (eviction may still unlink them: reads go on)."""
@@ -249,3 +265,12 @@ class OpenFiles:
                         if descriptor.users == 0 and descriptor.used < cutoff]
                 for ref in idle:
                     self._drop(self._open.pop(ref))
+
+
+def _regular(node: Node) -> BlobNode | ObjectNode:
+    """The node whose bytes a regular file shows (an import's is its source's)."""
+    if isinstance(node, ImportedFileNode):
+        node = node.target()
+    if not isinstance(node, (BlobNode, ObjectNode)):
+        raise PathNotFound("not a regular file")
+    return node

@@ -1,7 +1,8 @@
 """The FUSE adapter (the only mfusepy user): translates kernel requests into `MountView` calls.
 
 No logic lives here: each callback asks the view and maps the answer to a stat dict, bytes or an
-errno.
+errno. A read has the view fill libfuse's reply buffer itself (`_Fuse.read`): the bytes of a cache
+file go from the kernel into it once, with no copy in Python.
 
 Listings: readdir resumes at the kernel's offset and, when the kernel asks for READDIRPLUS, hands it
 the attributes of each entry the view knows them for, so `ls -l` of a directory output costs a few
@@ -150,10 +151,11 @@ class Operations(mfusepy.Operations):
         raise mfusepy.FuseOSError(errno.ENOSYS)  # see the module docstring: no opens, kept pages
 
     @_translated
-    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        data = self._view.read(path, size, offset)
-        self._stats.served(len(data))
-        return data
+    def read(self, path: str, buffer: memoryview, offset: int) -> int:
+        """Fills libfuse's reply `buffer` (see `_Fuse.read`); returns the count of bytes."""
+        count = self._view.read_into(path, buffer, offset)
+        self._stats.served(count)
+        return count
 
     @_translated
     def listxattr(self, path: str) -> list[str]:
@@ -238,8 +240,21 @@ class _Entries:
 
 
 class _Fuse(mfusepy.FUSE):
-    """mfusepy's FUSE with a readdir that works by offset and can give attributes (see the module
-    docstring): libfuse calls it once per kernel request, with the offset to resume at."""
+    """mfusepy's FUSE with a read into libfuse's buffer, and a readdir that works by offset and can
+    give attributes (see the module docstring): libfuse calls it once per kernel request, with the
+    offset to resume at."""
+
+    def read(self, path: bytes | None, buf, size: int, offset: int, fip) -> int:
+        """mfusepy's read has the operation return bytes, then copies them into `buf`: here the
+        operation is handed `buf` itself, which the kernel fills (preadv(2)) with the GIL released."""
+        if size == 0:
+            return 0
+        decoded = None if path is None else path.decode(self.encoding, self.errors)
+        buffer = memoryview((ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))).cast("B")
+        try:
+            return self.operations.read(decoded, buffer, offset)
+        finally:
+            buffer.release()
 
     def readdir_fuse_3(self, path: bytes | None, buf, filler, offset: int, fip, flags: int) -> int:
         decoded = None if path is None else path.decode(self.encoding, self.errors)

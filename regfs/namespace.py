@@ -191,10 +191,11 @@ class MountView:
         node, _ = self.resolve(path)
         return open_reader(self.registry.context.files, node)
 
-    def read(self, path: str, size: int, offset: int) -> bytes:
-        """`size` bytes at `offset` of the file at `path`; fetches its object on first use."""
+    def read_into(self, path: str, buffer: memoryview, offset: int) -> int:
+        """Bytes at `offset` of the file at `path` into `buffer` (as many as it holds, fewer at the
+        end), their count; fetches its object on first use."""
         node, _ = self.resolve(path)
-        return self.registry.context.files.read(node, size, offset, path)
+        return self.registry.context.files.read_into(node, buffer, offset, path)
 
     def fetch(self, path: str) -> dict:
         """Make the regular file at `path` local without reading it (`regfs prefetch`): its object

@@ -17,6 +17,7 @@ Workloads (--only takes these names):
   cold-copy    `cp -r` of a 1,000-file directory, empty cache     vs `dvc pull` of it, same remote
   cold-read    1st read of the 1 GiB object, empty cache          vs a plain GET (cp / curl / s3fs)
                (its time to first byte is the row ttfb-default)
+  cold-stream  the same on a --stream mount (bytes served as they arrive, hash checked at the end)
   ttfb-stream  first byte of the uncached object with --stream    vs a plain GET of 1 byte
                (then the rest of it: its GETs and fetched/read bytes)
   ls-100k      `ls -l` of a 100k-entry output, manifest cached    vs `ls -l` of the tree on local disk
@@ -61,9 +62,9 @@ MIB = 1 << 20
 READ_BUFFER = 1 << 20
 S3_BUCKET = "bench"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
-WORKLOADS = ("warm-seq", "first-read", "small-files", "cold-copy", "cold-read", "ttfb-stream", "ls-100k",
-             "rss-1m")
-COLD = ("cold-copy", "cold-read", "ttfb-stream")
+WORKLOADS = ("warm-seq", "first-read", "small-files", "cold-copy", "cold-read", "cold-stream", "ttfb-stream",
+             "ls-100k", "rss-1m")
+COLD = ("cold-copy", "cold-read", "cold-stream", "ttfb-stream")
 REMOTES = ("local", "http", "s3")
 UNSUPPORTED = re.compile(r"not supported|unrecognized arguments|invalid choice", re.IGNORECASE)
 
@@ -395,7 +396,7 @@ def build_registry(tools: Tools, sizes: Sizes, workloads: set[str], servers: dic
     init_registry(tools, registry, servers)
     rng = random.Random(42)
     added, bigs = [], {}
-    if workloads & {"warm-seq", "first-read", "cold-read", "ttfb-stream"}:
+    if workloads & {"warm-seq", "first-read", "cold-read", "cold-stream", "ttfb-stream"}:
         bigs = {"big.bin": sizes.big, **({"big-s3.bin": sizes.s3_big} if "s3" in servers else {})}
     for name, size in bigs.items():
         write_random(path / name, size, rng)
@@ -668,6 +669,7 @@ TARGETS = {
     "small-files": Target(">= 0.5x, >= 40k/s", ratio_min=0.5, value_min=40_000),
     "cold-copy": Target("<= 0.5x time", ratio_max=0.5),
     "cold-read": Target(">= 0.8x", ratio_min=0.8),
+    "cold-stream": Target(">= 0.8x", ratio_min=0.8),
     "ttfb-stream": Target("< 50 ms", value_max=50),
     "ttfb-default": Target("(info)"),
     "ls-100k": Target("< 1 s", value_max=1.0),
@@ -943,36 +945,58 @@ def plain_first_byte(bench: Bench, remote: str) -> float:
     return time.perf_counter() - started
 
 
+PLAIN_GETS = {"local": "cp of the remote file", "http": "curl GET", "s3": "s3fs get_file"}
+
+
 def cold_read(bench: Bench, remote: str) -> None:
     """cold-read, and the time to first byte of the same reads (the engine without --stream)."""
-    row = bench.row("cold-read", remote, "MiB/s", {"local": "cp of the remote file", "http": "curl GET",
-                                                   "s3": "s3fs get_file"}[remote])
+    row = bench.row("cold-read", remote, "MiB/s", PLAIN_GETS[remote])
     ttfb = bench.row("ttfb-default", remote, "ms", "plain GET of 1 byte")
+    ttfb.note = "first byte of the cold-read reads (no --stream)"
+    guarded(row, lambda: cold_reads(bench, remote, row, (), ttfb))
+    ttfb.status = row.status
+
+
+def cold_stream(bench: Bench, remote: str) -> None:
+    """cold-stream: cold-read on a `--stream` mount (bytes served as the parts arrive, the hash
+    checked at the end: the read may end before the check; the traffic is counted after it)."""
+    row = bench.row("cold-stream", remote, "MiB/s", PLAIN_GETS[remote])
+    guarded(row, lambda: cold_reads(bench, remote, row, ("--stream",)))
+
+
+def cold_reads(bench: Bench, remote: str, row: Row, options: tuple, ttfb: Row | None = None) -> None:
+    """The runs of a 1st read of the big object through a fresh mount with `options` and an empty
+    cache, each next to a plain GET of it (and, for `ttfb`, next to a plain GET of 1 byte)."""
     big = bench.registry.big(remote)
     row.note = f"{big.size // MIB} MiB object, empty cache; page cache: {bench.page_cache.method}"
-    ttfb.note = "first byte of the cold-read reads (no --stream)"
     buffer, out = bytearray(READ_BUFFER), bench.work / "get-out"
-
-    def measure() -> None:
-        for _ in bench.runs(row, ttfb):
+    for _ in bench.runs(*filter(None, (row, ttfb))):
+        bench.page_cache.drop(big.local_path)
+        mark = bench.traffic_mark(remote)
+        baseline = big.size / MIB / plain_get(bench, remote, out)
+        baseline_gets = bench.traffic(remote, mark)[0]
+        out.unlink()
+        first_byte = plain_first_byte(bench, remote) * 1000 if ttfb is not None else None
+        with mounted(bench.tools, bench.registry, bench.fresh_cache("cold"), remote, options) as mount:
             bench.page_cache.drop(big.local_path)
             mark = bench.traffic_mark(remote)
-            baseline = big.size / MIB / plain_get(bench, remote, out)
-            baseline_gets = bench.traffic(remote, mark)[0]
-            out.unlink()
-            first_byte = plain_first_byte(bench, remote) * 1000
-            with mounted(bench.tools, bench.registry, bench.fresh_cache("cold"), remote) as mount:
-                bench.page_cache.drop(big.local_path)
-                mark = bench.traffic_mark(remote)
-                read = failing_read(mount, lambda: read_file(mount.path / big.name, buffer))
-                gets, fetched, row.requests = bench.traffic(remote, mark, mount)
-            row.add(baseline, read.mib_s)
-            row.traffic(gets, fetched, read.size, baseline_gets)
+            read = failing_read(mount, lambda: read_file(mount.path / big.name, buffer))
+            if "--stream" in options:
+                verified(mount)
+            gets, fetched, row.requests = bench.traffic(remote, mark, mount)
+        row.add(baseline, read.mib_s)
+        row.traffic(gets, fetched, read.size, baseline_gets)
+        if ttfb is not None:
             ttfb.add(first_byte, read.first_byte_s * 1000)
-            log(f"cold-read {remote}: {read.mib_s:.0f} MiB/s vs {baseline:.0f} MiB/s")
+        log(f"{row.workload} {remote}: {read.mib_s:.0f} MiB/s vs {baseline:.0f} MiB/s")
 
-    guarded(row, measure)
-    ttfb.status = row.status
+
+def verified(mount: Mount) -> None:
+    """Until the download ends: a streamed read may end before the hash is checked, and the
+    mount's statistics (the local remote's traffic) count an object once it is."""
+    deadline = time.monotonic() + 300
+    while not mount.stats()["objects_fetched"] and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def ttfb_stream(bench: Bench, remote: str) -> None:
@@ -992,13 +1016,6 @@ def ttfb_stream(bench: Bench, remote: str) -> None:
             while count := file.readinto(buffer):
                 total += count
         return Read(total, time.perf_counter() - started, first)
-
-    def verified(mount: Mount) -> None:
-        """Until the download ends: a streamed read may end before the hash is checked, and the
-        mount's statistics (the local remote's traffic) count an object once it is."""
-        deadline = time.monotonic() + 300
-        while not mount.stats()["objects_fetched"] and time.monotonic() < deadline:
-            time.sleep(0.1)
 
     def measure() -> None:
         for _ in bench.runs(row):
@@ -1203,7 +1220,8 @@ def start_servers(tools: Tools, args, remote_dir: Path) -> tuple[dict, dict]:
     return running, unavailable
 
 
-COLD_FUNCTIONS = (("cold-copy", cold_copy), ("cold-read", cold_read), ("ttfb-stream", ttfb_stream))
+COLD_FUNCTIONS = (("cold-copy", cold_copy), ("cold-read", cold_read), ("cold-stream", cold_stream),
+                  ("ttfb-stream", ttfb_stream))
 
 
 def run(bench: Bench, args, unavailable: dict) -> None:

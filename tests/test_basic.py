@@ -131,19 +131,23 @@ def test_stat_is_lazy_then_reads_fill_a_dvc_layout_cache(basic, mount, oracle):
 
 
 def test_concurrent_and_random_access_reads(basic, mount, oracle):
-    """Many readers of one uncached object at once, and reads that start in the middle."""
+    """Many readers of one uncached object at once, and reads that start in the middle, end past
+    the end or start there, of objects and of a file whose bytes come from Git."""
     mounted = mount(f"{basic.path}@v1.0")
     expected = oracle.tree(basic.path, "v1.0")
     big = expected["big.bin"][2]
     x_bin = expected["data/sub/deeper/x.bin"][2]
+    readme = expected["README.txt"][2]  # a Git blob, served from memory, not from the cache
 
-    descriptor = os.open(mounted / "data/sub/deeper/x.bin", os.O_RDONLY)
-    try:  # first access to this object is a read at an offset, then one past the end
-        assert os.pread(descriptor, 1000, 50_000) == x_bin[50_000:51_000]
-        assert os.pread(descriptor, 10, len(x_bin) + 5) == b""
-        assert os.pread(descriptor, 100, len(x_bin) - 10) == x_bin[-10:]
-    finally:
-        os.close(descriptor)
+    for relpath, data, reads in (("data/sub/deeper/x.bin", x_bin, [(1000, 50_000), (10, len(x_bin) + 5),
+                                                                    (100, len(x_bin) - 10)]),
+                                 ("README.txt", readme, [(7, 3), (4096, len(readme) - 1), (10, len(readme) + 5)])):
+        descriptor = os.open(mounted / relpath, os.O_RDONLY)
+        try:  # first access to the object is a read at an offset, then one past the end
+            for size, offset in reads:
+                assert os.pread(descriptor, size, offset) == data[offset:offset + size], (relpath, size, offset)
+        finally:
+            os.close(descriptor)
 
     def read_big(number: int) -> bytes:
         if number % 2:
@@ -157,3 +161,9 @@ def test_concurrent_and_random_access_reads(basic, mount, oracle):
     for number, data in enumerate(results):
         wanted = big if number % 2 else big[len(big) // 2 + number:][:4096]
         assert data == wanted, f"reader {number} got {len(data)} wrong bytes"
+    descriptor = os.open(mounted / "big.bin", os.O_RDONLY)
+    try:  # odd sizes across the daemon's 1 MiB requests, and up to the end
+        for size, offset in ((5, (1 << 20) - 2), ((1 << 20) + 3, 12_345), ((2 << 20) + 1, len(big) - 7)):
+            assert os.pread(descriptor, size, offset) == big[offset:offset + size], (size, offset)
+    finally:
+        os.close(descriptor)
