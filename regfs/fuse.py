@@ -115,13 +115,13 @@ class Operations(mfusepy.Operations):
             conn.max_readahead = max(conn.max_readahead, READAHEAD_KIB * 1024)
         self._kernel.attach()
         self._view.on_root_changed = self._kernel.forget
-        self._view.registry.context.files.on_wrong_bytes = self._kernel.forget_pages
+        self._view.on_wrong_bytes = self._kernel.forget_pages
         if self._on_ready is not None:
             self._on_ready()
 
     def destroy(self, path: str) -> None:
         self._view.on_root_changed = None
-        self._view.registry.context.files.on_wrong_bytes = None
+        self._view.on_wrong_bytes = None
         self._kernel.detach()
 
     @_translated

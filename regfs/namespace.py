@@ -51,6 +51,16 @@ class MountView:
         if pinned_sha is None:
             self._rebuild_refs()
 
+    @property
+    def on_wrong_bytes(self) -> Callable[[set[str]], None] | None:
+        """Called with the paths read from a `--stream` download whose bytes then proved wrong
+        (regfs/files.py), so that the kernel's cached pages of them can be dropped."""
+        return self.registry.context.files.on_wrong_bytes
+
+    @on_wrong_bytes.setter
+    def on_wrong_bytes(self, callback: Callable[[set[str]], None] | None) -> None:
+        self.registry.context.files.on_wrong_bytes = callback
+
     def refresh(self) -> None:
         """Fetch the registry and point the ref symlinks at the new commits."""
         self.registry.update()
