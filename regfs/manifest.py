@@ -142,11 +142,15 @@ class Manifest:
         """Every entry's size as one record for `load_sizes`: a header (magic, `identity` naming
         the manifest, entry count), the sizes in entry order as little-endian int64, and a digest
         of all that, so a record damaged in any byte is refused."""
-        sizes = array("q", self._sizes)
+        sizes = self._sizes
         if sys.byteorder == "big":
+            sizes = array("q", sizes)
             sizes.byteswap()
-        body = _record_header(identity) + len(self).to_bytes(8, "little") + sizes.tobytes()
-        return body + hashlib.blake2b(body, digest_size=_RECORD_DIGEST).digest()
+        record = bytearray(_record_header(identity))  # built in place: 8 MB for a million entries
+        record += len(self).to_bytes(8, "little")
+        record += sizes
+        record += hashlib.blake2b(record, digest_size=_RECORD_DIGEST).digest()
+        return bytes(record)
 
     def load_sizes(self, record: bytes, identity: str) -> None:
         """Every entry's size from a `sizes_record` of this manifest (`identity`); raises
@@ -160,12 +164,13 @@ class Manifest:
         expected = len(header) + 8 + 8 * len(self) + _RECORD_DIGEST
         if len(record) != expected:
             raise ValueError(f"{len(record)} bytes instead of {expected}")
-        body = record[:-_RECORD_DIGEST]
+        body = memoryview(record)[:-_RECORD_DIGEST]
         if hashlib.blake2b(body, digest_size=_RECORD_DIGEST).digest() != record[-_RECORD_DIGEST:]:
             raise ValueError("its digest does not match its bytes")
         if int.from_bytes(body[len(header):len(header) + 8], "little") != len(self):
             raise ValueError(f"it counts another number of entries than {len(self)}")
-        sizes = array("q", body[len(header) + 8:])
+        sizes = array("q")
+        sizes.frombytes(body[len(header) + 8:])
         if sys.byteorder == "big":
             sizes.byteswap()
         if len(self) and (min(sizes) < 0 or max(sizes) > MAX_SIZE):
