@@ -1,6 +1,8 @@
 """The cache's sqlite indexes in `<cache-dir>/regfs/`, shared by every process using the cache.
 
-`SizeIndex` (`sizes.sqlite`): object sizes, so listings need no download. `UsageIndex`
+`SizeIndex` (`sizes.sqlite`): object sizes, so listings need no download, and per `.dir` manifest
+whose entries' sizes are all known a record of them (see `Manifest.sizes_record`), so a listing of
+a 100k-entry output reads one row, not 100k. `UsageIndex`
 (`usage.sqlite`): when each object was last used and which remote regfs fetched it from, for LRU
 eviction and `regfs cache status`. Rows are keyed by the object's path below the cache
 (`files/md5/ab/cdef...`), so DVC 3 and legacy objects of one id stay apart.
@@ -117,6 +119,7 @@ class SizeIndex(_SqliteIndex):
         super().__init__(path, (
             "CREATE TABLE IF NOT EXISTS sizes (object TEXT PRIMARY KEY, size INTEGER)",
             "CREATE TABLE IF NOT EXISTS verified (object TEXT PRIMARY KEY, inode INTEGER, size INTEGER, mtime_ns INTEGER)",
+            "CREATE TABLE IF NOT EXISTS manifest_sizes (manifest TEXT PRIMARY KEY, record BLOB)",
         ))
 
     def verified(self, relpath: str) -> tuple[int, int, int] | None:
@@ -159,10 +162,31 @@ class SizeIndex(_SqliteIndex):
             # The index only saves round trips: losing an entry costs a remote lookup, not data.
             logger.warning("cannot record object sizes in %s: %s", self.path, exc)
 
+    def manifest_sizes(self, relpath: str) -> bytes | None:
+        """The record of the sizes of the entries of the manifest at `relpath`, as stored: the
+        caller checks it (`Manifest.load_sizes`)."""
+        try:
+            with self._connection() as connection:
+                row = connection.execute("SELECT record FROM manifest_sizes WHERE manifest = ?", (relpath,)).fetchone()
+        except _ERRORS as exc:  # the sizes are looked up one by one: slower, never wrong
+            logger.warning("cannot read manifest sizes from %s: %s", self.path, exc)
+            return None
+        return bytes(row[0]) if row and isinstance(row[0], bytes) else None
+
+    def put_manifest_sizes(self, relpath: str, record: bytes) -> None:
+        try:
+            with self._connection() as connection:
+                connection.execute("INSERT OR REPLACE INTO manifest_sizes VALUES (?, ?)", (relpath, record))
+        except _ERRORS as exc:
+            logger.warning("cannot record manifest sizes in %s: %s", self.path, exc)
+
     def forget(self, relpaths: list[str]) -> None:
-        """Drop sizes that may have been learned from a corrupt cached copy."""
+        """Drop sizes that may have been learned from a corrupt cached copy, with every manifest's
+        record (any of them may hold such a size; each is rebuilt from the index on its next use)."""
         try:
             self._delete(("sizes", "verified"), relpaths)
+            with self._connection() as connection:
+                connection.execute("DELETE FROM manifest_sizes")
         except _ERRORS as exc:
             logger.warning("cannot remove object sizes from %s: %s", self.path, exc)
 

@@ -1,7 +1,8 @@
 """Getting objects into the cache, and their sizes, from the remote that holds them.
 
 `ObjectStore` is one remote as the tree sees it: "give me a local path for this object" and "what
-sizes do these objects have", answered from the cache, the size index, then the remote. The remote
+sizes do these objects have", answered from the cache, the size index, then the remote (the
+entries of a `.dir` manifest all at once from the record the size index keeps of them). The remote
 is opened lazily, so a registry whose remote is misconfigured still lists, and fails at read time
 with an error that names the object and the remote.
 
@@ -147,6 +148,30 @@ class Fetcher:
                     self._manifests[ref] = manifest
         return manifest
 
+    def fill_sizes(self, ref: ObjectRef, manifest: Manifest, remote_of: Callable[[], Remote]) -> None:
+        """Sizes for the entries of the manifest `ref` that have none: all at once from the record
+        kept when they were last all known (one index row, not one per entry), else from `sizes`,
+        then kept as such a record if all are known. A record that is not exactly this manifest's
+        is ignored, and replaced. Raises what `sizes` raises (the remote cannot be asked)."""
+        if manifest.sizes_known():
+            return
+        record = self.cache.sizes.manifest_sizes(ref.relpath)
+        if record is not None:
+            try:
+                manifest.load_sizes(record, ref.relpath)
+                return
+            except ValueError as exc:
+                logger.warning("ignoring the recorded sizes of the entries of manifest %s: %s; looking them "
+                               "up again", ref.object_id, exc)
+
+        def sizes_of(object_ids: list[str]) -> dict[str, int]:
+            refs = [ObjectRef(object_id, ref.hash_name) for object_id in object_ids]
+            return {entry_ref.object_id: size for entry_ref, size in self.sizes(refs, remote_of).items()}
+
+        manifest.fill_sizes(sizes_of)
+        if manifest.sizes_known():
+            self.cache.sizes.put_manifest_sizes(ref.relpath, manifest.sizes_record(ref.relpath))
+
     def sizes(self, refs: list[ObjectRef], remote_of: Callable[[], Remote]) -> dict[ObjectRef, int]:
         """Sizes known to the index, the cache or the remote; missing objects are left out."""
         found = self.cache.sizes.get_many(refs)
@@ -221,6 +246,9 @@ class ObjectStore:
 
     def manifest(self, ref: ObjectRef) -> Manifest:
         return self._fetcher.manifest(ref, self.remote)
+
+    def fill_sizes(self, ref: ObjectRef, manifest: Manifest) -> None:
+        self._fetcher.fill_sizes(ref, manifest, self.remote)
 
     def sizes(self, refs: list[ObjectRef]) -> dict[ObjectRef, int]:
         return self._fetcher.sizes(refs, self.remote)

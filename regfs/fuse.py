@@ -38,7 +38,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 # mfusepy loads libfuse2 when both are installed unless told otherwise; libfuse2 caps reads at
 # 128 KiB and lacks the libfuse3 config. Our packages and docs install fuse3.
@@ -46,6 +46,7 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy
 
 from regfs.errors import ReadOnly, RegfsError
+from regfs.manifest import Row
 from regfs.namespace import Attr, MountView
 
 logger = logging.getLogger(__name__)
@@ -131,14 +132,13 @@ class Operations(mfusepy.Operations):
     @_translated
     def readdir(self, path: str, offset: int, buf, filler, plus: bool) -> None:
         """The entries from `offset` on: ".", "..", then the view's; an entry's offset is the next's."""
-        add = _Entries(buf, filler, plus, self._stat)
-        for position, name in ((1, "."), (2, "..")):
-            if offset < position and add(name, "dir", None, position):
-                return
         start = max(offset, 2)
-        for position, (name, kind, attr) in enumerate(self._view.entries(path, start - 2), start + 1):
-            if add(name, kind, attr, position):
+        rows, mtime = self._view.entries(path, start - 2)
+        add = _Entries(buf, filler, mtime if plus else None, self._stat)
+        for position, name in ((1, "."), (2, "..")):
+            if offset < position and add.name(name, "dir", position):
                 return
+        add.rows(rows, start + 1)
 
     @_translated
     def readlink(self, path: str) -> str:
@@ -209,34 +209,49 @@ def _blocks(size: int) -> int:
 
 
 class _Entries:
-    """One readdir reply being filled through libfuse's filler; `add` says when it is full.
+    """One readdir reply being filled through libfuse's filler; each method says when it is full.
 
-    Attributes go to the kernel only when it asked for them (READDIRPLUS); otherwise, or for an
-    entry without attributes, only the type (ino 0 then tells the kernel to look the name up).
-    The stat structures are reused: one per type, and one per kind and exec bit of the entries
-    that have attributes (the entries of one directory share their mtime), only the size changing.
+    Attributes go to the kernel only when it asked for them (READDIRPLUS) and the view gave them
+    (an mtime, a row's size); otherwise only the type (ino 0 then tells the kernel to look the
+    name up). The stat structures are reused: one per type, and one per kind and exec bit of the
+    entries that have attributes (the entries of one directory share their mtime), only the size
+    changing. A listing of 100k entries makes 100k filler calls: the loop stays lean.
     """
 
-    def __init__(self, buf, filler, plus: bool, stat_of: Callable[[Attr], dict]):
-        self._buf, self._filler, self._plus, self._stat_of = buf, filler, plus, stat_of
+    def __init__(self, buf, filler, mtime: int | None, stat_of: Callable[[Attr], dict]):
+        self._buf, self._filler, self._mtime, self._stat_of = buf, filler, mtime, stat_of
         self._types: dict[str, mfusepy.c_stat] = {}
         self._shapes: dict[tuple[str, bool], mfusepy.c_stat] = {}
 
-    def __call__(self, name: str, kind: str, attr: Attr | None, offset: int) -> bool:
-        if self._plus and attr is not None:
-            status = self._shapes.get((kind, attr.is_exec))
-            if status is None:
-                status = self._shapes[kind, attr.is_exec] = mfusepy.c_stat()
-                mfusepy.set_st_attrs(status, self._stat_of(attr), use_ns=True)
-            status.st_size = size = attr.size
-            status.st_blocks = _blocks(size)
-            flags = _FILL_DIR_PLUS
-        else:
-            status = self._types.get(kind)
-            if status is None:
-                status = self._types[kind] = mfusepy.c_stat(st_mode=_TYPE_BITS[kind])
-            flags = 0
-        return self._filler(self._buf, name.encode("utf-8", "surrogateescape"), status, offset, flags) != 0
+    def name(self, name: str, kind: str, offset: int) -> bool:
+        return self._filler(self._buf, name.encode("utf-8", "surrogateescape"), self._type(kind), offset, 0) != 0
+
+    def rows(self, rows: Iterator[Row], offset: int) -> bool:
+        """The rows (name, kind, size or None, exec bit), the first at `offset`."""
+        buf, filler, shapes, with_attrs = self._buf, self._filler, self._shapes, self._mtime is not None
+        for name, kind, size, is_exec in rows:
+            if with_attrs and size is not None:
+                status = shapes.get((kind, is_exec)) or self._shape(kind, is_exec)
+                status.st_size = size
+                status.st_blocks = _blocks(size)
+                flags = _FILL_DIR_PLUS
+            else:
+                status, flags = self._type(kind), 0
+            if filler(buf, name.encode("utf-8", "surrogateescape"), status, offset, flags):
+                return True
+            offset += 1
+        return False
+
+    def _type(self, kind: str) -> mfusepy.c_stat:
+        status = self._types.get(kind)
+        if status is None:
+            status = self._types[kind] = mfusepy.c_stat(st_mode=_TYPE_BITS[kind])
+        return status
+
+    def _shape(self, kind: str, is_exec: bool) -> mfusepy.c_stat:
+        status = self._shapes[kind, is_exec] = mfusepy.c_stat()
+        mfusepy.set_st_attrs(status, self._stat_of(Attr(kind, 0, is_exec, self._mtime)), use_ns=True)
+        return status
 
 
 class _Fuse(mfusepy.FUSE):

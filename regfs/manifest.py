@@ -6,7 +6,8 @@ directory output, sorted by relpath (DVC writes it so). `parse_manifest` reads i
 shared buffer, its 16-byte digest, its size (-1: unknown) and its exec bit, in relpath byte order. A
 directory of the output is then one contiguous range of entries (`Listing`), searched by bisection;
 the caller makes nodes only for the names it looks up. Sizes learned later (`fill_sizes`) go into the
-same array, so a manifest shared by many commits learns them once.
+same array, so a manifest shared by many commits learns them once; once all are known, they can be
+kept as one record (`sizes_record`) that a later process loads whole (`load_sizes`).
 
 Manifests are untrusted input. JSON that does not parse, a top level that is not a list, an entry
 that is not an object, a relpath that is unsafe (see `dvcmeta.is_safe_relpath`), an md5 that is not 32
@@ -17,10 +18,12 @@ by code point, which differs only for undecodable names) is sorted here, at the 
 """
 
 import codecs
+import hashlib
 import io
 import json
 import re
 import reprlib
+import sys
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
@@ -47,6 +50,8 @@ _GET_SIZE, _GET_EXEC = methodcaller("get", "size"), methodcaller("get", "isexec"
 _PARENT = methodcaller("rpartition", b"/")
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 80, 80
+_RECORD_MAGIC = b"regfs manifest sizes 1\0"
+_RECORD_DIGEST = 16  # blake2b's, over everything before it
 
 # What a directory listing says of one entry: its name, kind ("file" or "dir"), size (None: not
 # known yet) and exec bit.
@@ -129,6 +134,51 @@ class Manifest:
             known = sizes_of(list(dict.fromkeys(object_id for _, object_id in missing)))
             for index, object_id in missing:
                 sizes[index] = known.get(object_id, -1)
+
+    def sizes_known(self) -> bool:
+        return self._sizes.count(-1) == 0
+
+    def sizes_record(self, identity: str) -> bytes:
+        """Every entry's size as one record for `load_sizes`: a header (magic, `identity` naming
+        the manifest, entry count), the sizes in entry order as little-endian int64, and a digest
+        of all that, so a record damaged in any byte is refused."""
+        sizes = self._sizes
+        if sys.byteorder == "big":
+            sizes = array("q", sizes)
+            sizes.byteswap()
+        record = bytearray(_record_header(identity))  # built in place: 8 MB for a million entries
+        record += len(self).to_bytes(8, "little")
+        record += sizes
+        record += hashlib.blake2b(record, digest_size=_RECORD_DIGEST).digest()
+        return bytes(record)
+
+    def load_sizes(self, record: bytes, identity: str) -> None:
+        """Every entry's size from a `sizes_record` of this manifest (`identity`); raises
+        ValueError, saying why, for anything else: another manifest's record, a truncated or
+        damaged one, sizes out of range or other than those the manifest itself records."""
+        header = _record_header(identity)
+        if not record.startswith(_RECORD_MAGIC):
+            raise ValueError("not a record of manifest sizes")
+        if not record.startswith(header):
+            raise ValueError("the record of another manifest")
+        expected = len(header) + 8 + 8 * len(self) + _RECORD_DIGEST
+        if len(record) != expected:
+            raise ValueError(f"{len(record)} bytes instead of {expected}")
+        body = memoryview(record)[:-_RECORD_DIGEST]
+        if hashlib.blake2b(body, digest_size=_RECORD_DIGEST).digest() != record[-_RECORD_DIGEST:]:
+            raise ValueError("its digest does not match its bytes")
+        if int.from_bytes(body[len(header):len(header) + 8], "little") != len(self):
+            raise ValueError(f"it counts another number of entries than {len(self)}")
+        sizes = array("q")
+        sizes.frombytes(body[len(header) + 8:])
+        if sys.byteorder == "big":
+            sizes.byteswap()
+        if len(self) and (min(sizes) < 0 or max(sizes) > MAX_SIZE):
+            raise ValueError("it holds a size out of range")
+        own = self._sizes
+        if own.count(-1) != len(self) and any(map(_differs, own, sizes)):
+            raise ValueError("its sizes differ from those in the manifest")
+        own[:] = sizes
 
     def children(self, prefix: bytes, low: int, high: int) -> Sequence[int]:
         """The first entry of each child of the directory `prefix` (entries low..high): a file's
@@ -436,6 +486,14 @@ def _sorted(manifest: Manifest, what: str) -> Manifest:
     return Manifest(b"\0".join(keys) + b"\0", bounds, b"".join(map(pieces.__getitem__, order)),
                     array("q", map(manifest._sizes.__getitem__, order)),
                     bytes(map(manifest._exec_bits.__getitem__, order)))
+
+
+def _record_header(identity: str) -> bytes:
+    return _RECORD_MAGIC + identity.encode("utf-8", "surrogateescape") + b"\0"
+
+
+def _differs(recorded: int, loaded: int) -> bool:
+    return recorded >= 0 and recorded != loaded
 
 
 def _first_line(exc: Exception) -> str:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from regfs.errors import IsADirectory, NotADirectory, PathNotFound, RegfsError
 from regfs.files import OpenFiles
+from regfs.manifest import Row
 from regfs.registry import Registry
 from regfs.stats import Stats
 from regfs.tree import BlobNode, DirNode, ImportedFileNode, LinkNode, Node, ObjectNode, OutputDirNode, lookup
@@ -179,17 +180,21 @@ class MountView:
             raise NotADirectory(f"not a directory: {path}")
         return sorted(node.children())
 
-    def entries(self, path: str, start: int = 0) -> Iterator[tuple[str, str, Attr | None]]:
+    def entries(self, path: str, start: int = 0) -> tuple[Iterator[Row], int | None]:
         """The entries of the directory at `path` from the `start`th on, in an order that never
-        changes: name, kind, and attributes where they are known without I/O and below a commit
-        (immutable). None leaves them to a lookup: the ref symlinks (they change), sizes not known
-        yet (a lookup asks the remote, or Git), and empty files (a lookup caches them, see `attr`)."""
+        changes, as rows (name, kind, size, exec bit), and the mtime of their attributes. A listing
+        gives attributes only where they are known without I/O and below a commit (immutable): the
+        mtime is None above the commits (the ref symlinks change), and a row's size is None if not
+        known yet (a lookup asks the remote, or Git) or for an empty file (a lookup caches it, see
+        `attr`), which leaves them to a lookup."""
         node, mtime, commit_sha = self.locate(path)
         if not isinstance(node, DirNode):
             raise NotADirectory(f"not a directory: {path}")
-        for name, kind, size, is_exec in node.listing(start):
-            known = commit_sha is not None and size is not None and (size > 0 or kind != "file")
-            yield name, kind, Attr(kind, size, is_exec, mtime) if known else None
+        rows = node.listing(start)
+        if commit_sha is None:
+            return rows, None
+        return ((name, kind, None if size == 0 and kind == "file" else size, is_exec)
+                for name, kind, size, is_exec in rows), mtime
 
     def readlink(self, path: str) -> str:
         node, _ = self.resolve(path)

@@ -265,12 +265,8 @@ class Registry:
             exc.reported = True
             raise
 
-        def sizes_of(object_ids: list[str]) -> dict[str, int]:
-            refs = [ObjectRef(object_id, ref.hash_name) for object_id in object_ids]
-            return {entry_ref.object_id: size for entry_ref, size in store.sizes(refs).items()}
-
         try:
-            manifest.fill_sizes(sizes_of)
+            store.fill_sizes(ref, manifest)
         except (RemoteError, ConfigError) as exc:
             # The remote cannot be asked (offline, say): each entry learns its size when stat'ed,
             # from the cache if it is there; only the others fail then, not the whole directory.

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import stat
 import subprocess
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from regfs.cacheindex import SizeIndex
+from regfs.manifest import parse_manifest
 from tests.registry import Registry, random_bytes
 from tests.trees import StatEntry, object_path, stat_tree
 
@@ -42,6 +45,7 @@ class BigRegistry:
     registry: Registry
     store: Path
     flat_manifest: str  # the `.dir` object id of flat/
+    nested_manifest: str
     workspace: Path  # `git clone && dvc pull` of main
 
     def expected(self, output: str) -> dict[str, tuple]:
@@ -75,10 +79,10 @@ def big(tools, oracle, tmp_path_factory) -> BigRegistry:
     ids = [put_object(store, data) for data in CONTENTS]
     flat = [{"md5": ids[index % len(ids)], "relpath": f"f{index:05d}.bin"} for index in range(FLAT_ENTRIES)]
     flat_manifest = write_dir_output(registry, store, "flat", flat)
-    write_dir_output(registry, store, "nested",
-                     [{"md5": ids[index % len(ids)], "relpath": relpath} for index, relpath in enumerate(NESTED)])
+    nested_manifest = write_dir_output(
+        registry, store, "nested", [{"md5": ids[index % len(ids)], "relpath": relpath} for index, relpath in enumerate(NESTED)])
     registry.commit("big outputs")
-    return BigRegistry(registry, store, flat_manifest, oracle.clone(registry.path, "main"))
+    return BigRegistry(registry, store, flat_manifest, nested_manifest, oracle.clone(registry.path, "main"))
 
 
 def shapes(entries: dict[str, StatEntry]) -> dict[str, tuple]:
@@ -179,3 +183,99 @@ def test_sizes_not_known_when_listed_are_looked_up(big, mount, tmp_path):
     lookups = requests(mounted.log_text()).get("LOOKUP", 0) - before.get("LOOKUP", 0)
     unknown = sum(1 for index in range(FLAT_ENTRIES) if index % len(CONTENTS) not in cached)
     assert unknown <= lookups <= unknown + 10, (unknown, lookups)
+
+
+def manifest_records(cache: Path) -> dict[str, bytes]:
+    """The records of manifest sizes in a cache's size index, by manifest object id."""
+    with sqlite3.connect(cache / "regfs" / "sizes.sqlite") as connection:
+        rows = connection.execute("SELECT manifest, record FROM manifest_sizes").fetchall()
+    connection.close()
+    return {manifest.removeprefix("files/md5/").replace("/", "", 1): record for manifest, record in rows}
+
+
+def test_fresh_mounts_take_the_sizes_of_a_manifest_from_its_record(big, mount, tmp_path):
+    """Once every entry's size is known, the size index keeps them as one record per manifest: a
+    record that is not exactly its manifest's (another's, truncated) is ignored and rebuilt, and a
+    fresh mount lists with the record alone (index rows and remote objects gone)."""
+    cache, identities, records = tmp_path / "cache", {}, {}
+    sizes = {hashlib.md5(data).hexdigest(): len(data) for data in CONTENTS}
+    for object_id in (big.flat_manifest, big.nested_manifest):
+        target = object_path(cache, object_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(object_path(big.store, object_id), target)
+        identities[object_id] = f"files/md5/{object_id[:2]}/{object_id[2:]}"
+        manifest = parse_manifest(target.read_bytes(), object_id)
+        manifest.fill_sizes(lambda object_ids: {object_id: sizes[object_id] for object_id in object_ids})
+        records[object_id] = manifest.sizes_record(identities[object_id])
+    # flat/'s record: of the right length and digest, but another manifest's and with wrong sizes;
+    # nested/'s truncated.
+    flat = parse_manifest(object_path(big.store, big.flat_manifest).read_bytes(), "flat")
+    flat.fill_sizes(lambda object_ids: dict.fromkeys(object_ids, 7))
+    (cache / "regfs").mkdir()
+    index = SizeIndex(str(cache / "regfs" / "sizes.sqlite"))
+    index.put_manifest_sizes(identities[big.flat_manifest], flat.sizes_record(identities[big.nested_manifest]))
+    index.put_manifest_sizes(identities[big.nested_manifest], records[big.nested_manifest][:-9])
+    assert set(manifest_records(cache)) == set(records)
+    first = mount(f"{big.registry.path}@main", cache_dir=cache)
+    assert ls_l(first / "flat") == big.expected("flat")
+    assert shapes(scandir_stat(first / "nested")) == big.expected("nested")
+    assert first.log_text().count("ignoring the recorded sizes") == 2, first.log_tail()
+    assert manifest_records(cache) == records  # rebuilt by the mount
+
+    with sqlite3.connect(cache / "regfs" / "sizes.sqlite") as connection:
+        connection.execute("DELETE FROM sizes")
+    connection.close()
+    away = {object_path(big.store, object_id): tmp_path / f"away{number}" for number, object_id in enumerate(sizes)}
+    for source, target in away.items():
+        source.rename(target)
+    try:
+        second = mount(f"{big.registry.path}@main", cache_dir=cache)
+        assert ls_l(second / "flat") == big.expected("flat")
+        assert shapes(scandir_stat(second / "nested")) == big.expected("nested")
+    finally:
+        for source, target in away.items():
+            target.rename(source)
+
+
+def recounted(record: bytes, count: int, new_count: int) -> bytes:
+    """A record whose entry count (the 8 bytes before the sizes) says `new_count`, with a digest
+    that matches."""
+    at = len(record) - 16 - 8 * count - 8
+    body = record[:at] + new_count.to_bytes(8, "little") + record[at + 8:-16]
+    return body + hashlib.blake2b(body, digest_size=16).digest()
+
+
+def test_a_sizes_record_is_taken_only_whole_and_for_its_own_manifest(tmp_path):
+    text = json.dumps([{"md5": "0" * 31 + str(digit), "relpath": f"f{digit}"} for digit in range(3)]).encode()
+    known = parse_manifest(text, "known")
+    known.fill_sizes(lambda object_ids: {object_id: 10 + int(object_id[-1]) for object_id in object_ids})
+    record = known.sizes_record("files/md5/ab/c.dir")
+    loaded = parse_manifest(text, "loaded")
+    loaded.load_sizes(record, "files/md5/ab/c.dir")
+    assert [entry.size for entry in loaded] == [10, 11, 12]
+
+    flipped = bytearray(record)
+    flipped[-20] ^= 1  # a byte of the last size
+    partly = json.dumps([{"md5": "0" * 31 + str(digit), "relpath": f"f{digit}", "size": 5} if digit == 1 else
+                         {"md5": "0" * 31 + str(digit), "relpath": f"f{digit}"} for digit in range(3)]).encode()
+    refused = [
+        (text, record[:-1], "bytes instead of"),
+        (text, record + b"\0", "bytes instead of"),
+        (text, bytes(flipped), "digest"),
+        (text, b"", "not a record"),
+        (text, known.sizes_record("files/md5/ab/d.dir"), "another manifest"),  # another's, else valid
+        (text, recounted(record, 3, 2), "another number of entries"),  # digest made again
+        (partly, known.sizes_record("files/md5/ab/c.dir"), "differ"),  # says 11 where the manifest says 5
+    ]
+    for manifest_text, bad, reason in refused:
+        manifest = parse_manifest(manifest_text, "manifest")
+        before = [entry.size for entry in manifest]
+        with pytest.raises(ValueError, match=reason):
+            manifest.load_sizes(bad, "files/md5/ab/c.dir")
+        assert [entry.size for entry in manifest] == before
+
+    index = SizeIndex(str(tmp_path / "sizes.sqlite"))
+    index.put_manifest_sizes("files/md5/ab/c.dir", record)
+    assert index.manifest_sizes("files/md5/ab/c.dir") == record
+    index.forget(["files/md5/00/1"])  # a size learned from a corrupt copy may be in any record
+    assert index.manifest_sizes("files/md5/ab/c.dir") is None
