@@ -36,7 +36,21 @@ pygit2.option(pygit2.enums.Option.SET_OWNER_VALIDATION, 0)
 # of silence means the server is gone. Both values are milliseconds; $REGFS_GIT_TIMEOUT (seconds)
 # replaces the 30 s, for a server known to answer slowly or a test that waits on a hung one.
 CONNECT_TIMEOUT_MS = 10_000
-SERVER_TIMEOUT_MS = round(float(os.environ.get("REGFS_GIT_TIMEOUT") or 30) * 1000)
+
+
+def _server_timeout_ms(text: str | None, default: float = 30) -> int:
+    try:
+        seconds = float(text) if text else default
+    except ValueError:
+        seconds = -1
+    if not 0 < seconds < 2**31 / 1000:
+        logger.warning("ignoring REGFS_GIT_TIMEOUT=%r: not a number of seconds above 0; using %g s",
+                       text, default)
+        seconds = default
+    return round(seconds * 1000)
+
+
+SERVER_TIMEOUT_MS = _server_timeout_ms(os.environ.get("REGFS_GIT_TIMEOUT"))
 pygit2.option(pygit2.enums.Option.SET_SERVER_CONNECT_TIMEOUT, CONNECT_TIMEOUT_MS)
 pygit2.option(pygit2.enums.Option.SET_SERVER_TIMEOUT, SERVER_TIMEOUT_MS)
 

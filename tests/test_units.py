@@ -14,6 +14,7 @@ from regfs.address import parse_address
 from regfs.dvcconfig import Config, parse_config, parse_override
 from regfs.dvcmeta import HASH_LEGACY, HASH_MD5, parse_dvc_file, parse_pipeline
 from regfs.errors import ConfigError, MetafileError
+from regfs.git import _server_timeout_ms
 from regfs.hashing import CHUNK, StreamHasher, is_text
 from regfs.manifest import DirEntry, parse_manifest
 from regfs.tree import BlobNode, DirNode, LinkNode
@@ -306,3 +307,11 @@ def test_listings_read_nothing():
     assert list(root.listing()) == [("d", "dir", 0, False), ("f", "file", None, False), ("l", "link", 2, False)]
     assert sized == [] and blob.size == 3
     assert list(root.listing(1)) == [("f", "file", 3, False), ("l", "link", 2, False)] and sized == ["b1"]
+
+
+@pytest.mark.parametrize("text, expected", [(None, 30_000), ("", 30_000), ("3", 3_000), ("2.5", 2_500),
+                                            ("abc", 30_000), ("0", 30_000), ("-4", 30_000), ("1e12", 30_000)])
+def test_git_timeout_from_the_environment(text, expected, caplog):
+    """$REGFS_GIT_TIMEOUT: seconds above 0; anything else is said and ignored, never a crash."""
+    assert _server_timeout_ms(text) == expected
+    assert ("ignoring REGFS_GIT_TIMEOUT" in caplog.text) == (text not in (None, "", "3", "2.5"))
