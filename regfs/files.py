@@ -144,7 +144,7 @@ class OpenFiles:
                     raise failed[1]
                 del self._failures[ref]
         if isinstance(node, EntryNode):  # before its own fetch: the ones after it start meanwhile
-            self._readahead.opened(node.entries, node.index)
+            self._readahead.opened(node.entries, node.index, node.store.cache.size(ref) is not None)
         try:
             fresh = self._open_object(node)
         except RegfsError as exc:
@@ -236,14 +236,14 @@ class OpenFiles:
         excess = len(self._open) - self._max_open
         if excess <= 0:
             return
-        for ref in list(self._open):
-            if excess <= 0:
+        idle = []  # oldest first, and no more than needed: not a copy of the whole table per open
+        for ref, descriptor in self._open.items():
+            if len(idle) == excess:
                 break
-            descriptor = self._open[ref]
             if descriptor.users == 0:
-                del self._open[ref]
-                self._drop(descriptor)
-                excess -= 1
+                idle.append(ref)
+        for ref in idle:
+            self._drop(self._open.pop(ref))
 
     @staticmethod
     def _drop(descriptor: _Descriptor) -> None:

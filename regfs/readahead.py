@@ -9,7 +9,10 @@ output's manifest (sorted by path: the order `ls` shows, and, on a fresh mount, 
 numbers that `cp` sorts a directory by). Once a reader opens two entries in a row going forward
 (each at most `GAP` entries after the one before), the entries after the last one opened are
 fetched in the background: a window of `START` entries that doubles with each further step in
-order, up to `files` entries and `WINDOW_BYTES` bytes ahead of the reader. Opening entries in any
+order, up to `files` entries and `WINDOW_BYTES` bytes ahead of the reader. A reader in order
+through files that were cached before (a second epoch, a copy of a pulled directory) counts its
+steps but fetches nothing ahead until it opens one that is not cached: checking the next entries
+would only take CPU from the reads. Opening entries in any
 other order (a shuffled epoch, a lookup here and there) fetches nothing ahead; a jump backwards or
 far ahead starts over. `files=0` turns read-ahead off: nothing is then fetched before a read needs
 it.
@@ -66,8 +69,9 @@ class ReadAhead:
         self._workers = 0
         self._lock = threading.Lock()
 
-    def opened(self, entries: Entries, index: int) -> None:
-        """The daemon opens entry `index` of `entries` for a reader: fetch ahead if it reads in order."""
+    def opened(self, entries: Entries, index: int, cached: bool = False) -> None:
+        """The daemon opens entry `index` of `entries` for a reader (`cached`: its object is in
+        the cache already): fetch ahead if it reads in order, and is not reading cached files."""
         if not self.files:
             return
         with self._lock:
@@ -76,6 +80,8 @@ class ReadAhead:
                 self._runs[entries] = _Run(index)
                 return
             run.last, run.steps = index, run.steps + 1
+            if cached and index > run.ahead:  # cached before, not by read-ahead: the next ones likely are too
+                return
             start, end = max(run.ahead, index) + 1, self._window_end(entries, index, run.steps)
             if start >= end:
                 return

@@ -6,6 +6,7 @@ compare whole mounts with what the real DVC produces.
 
 import hashlib
 import json
+import threading
 
 import pytest
 
@@ -17,6 +18,7 @@ from regfs.errors import ConfigError, MetafileError
 from regfs.git import _server_timeout_ms
 from regfs.hashing import CHUNK, StreamHasher, is_text
 from regfs.manifest import DirEntry, parse_manifest
+from regfs.readahead import ReadAhead
 from regfs.tree import BlobNode, DirNode, LinkNode
 
 
@@ -315,3 +317,48 @@ def test_git_timeout_from_the_environment(text, expected, caplog):
     """$REGFS_GIT_TIMEOUT: seconds above 0; anything else is said and ignored, never a crash."""
     assert _server_timeout_ms(text) == expected
     assert ("ignoring REGFS_GIT_TIMEOUT" in caplog.text) == (text not in (None, "", "3", "2.5"))
+
+
+class _Entries:
+    """Entries of a directory output, for ReadAhead: what it asks to fetch is recorded."""
+
+    def __init__(self, count: int, size: int = 1000):
+        self.count, self.entry_size, self.fetched = count, size, []
+        self.done = threading.Semaphore(0)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def size(self, index: int) -> int:
+        return self.entry_size
+
+    def fetch_ahead(self, index: int) -> None:
+        self.fetched.append(index)
+        self.done.release()
+
+
+def _fetched_ahead(readahead: ReadAhead, entries: _Entries, opens: list[tuple[int, bool]]) -> list[int]:
+    for index, cached in opens:
+        readahead.opened(entries, index, cached)
+    expected = sum(1 for _ in iter(lambda: entries.done.acquire(timeout=0.5), False))
+    assert expected == len(entries.fetched)
+    return sorted(entries.fetched)
+
+
+def test_read_ahead_windows():
+    """In order and cold: 4 ahead after the 2nd file, then 8, 16, ... up to the cap in files and
+    WINDOW_BYTES; cached files in order fetch nothing ahead until a cold one comes; backwards or
+    strided, nothing; 0 files: off."""
+    from regfs.readahead import WINDOW_BYTES
+
+    assert _fetched_ahead(ReadAhead(64), _Entries(100), [(0, False), (1, False)]) == [2, 3, 4, 5]
+    assert _fetched_ahead(ReadAhead(64), _Entries(100), [(0, False), (1, False), (2, False)]) == list(range(2, 11))
+    assert _fetched_ahead(ReadAhead(6), _Entries(100), [(i, False) for i in range(6)]) == list(range(2, 12))
+    big = _Entries(100, size=WINDOW_BYTES // 3)
+    assert _fetched_ahead(ReadAhead(64), big, [(i, False) for i in range(5)]) == [2, 3, 4, 5, 6, 7]
+    assert _fetched_ahead(ReadAhead(64), _Entries(100), [(i, True) for i in range(10)]) == []
+    # Cached files in order count their steps: the first cold one after them gets the full window.
+    assert _fetched_ahead(ReadAhead(64), _Entries(100), [(i, i < 5) for i in range(7)]) == list(range(6, 71))
+    assert _fetched_ahead(ReadAhead(64), _Entries(100), [(9 - i, False) for i in range(10)]) == []
+    assert _fetched_ahead(ReadAhead(64), _Entries(100), [(i * 9, False) for i in range(10)]) == []
+    assert _fetched_ahead(ReadAhead(0), _Entries(100), [(i, False) for i in range(10)]) == []
