@@ -24,8 +24,8 @@ from regfs.daemon import (
     wait_for_exit,
 )
 from regfs.dvcconfig import MAX_REQUESTS
-from regfs.readahead import DEFAULT_FILES as DEFAULT_READAHEAD_FILES
 from regfs.errors import RegfsError, UsageError
+from regfs.readahead import DEFAULT_FILES as DEFAULT_READAHEAD_FILES
 
 logger = logging.getLogger("regfs")
 

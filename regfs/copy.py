@@ -208,7 +208,7 @@ class _Job:
     size: int
 
 
-def copy_out(view: MountView, path: str, target: str, progress: "Progress | None" = None) -> None:
+def copy_out(view: MountView, path: str, target: str, progress: Progress | None = None) -> None:
     """Copy the file, symlink or directory at `path` to the local path `target`, replacing what
     is there only once the copy is complete."""
     real_path = follow_links(view, path, follow_last=False)
@@ -243,7 +243,7 @@ def _plan(view: MountView, path: str, local: str) -> list[_Job]:
     return jobs
 
 
-def _copy_files(view: MountView, jobs: list[_Job], progress: "Progress") -> None:
+def _copy_files(view: MountView, jobs: list[_Job], progress: Progress) -> None:
     def copy(job: _Job) -> None:
         fd = os.open(job.local, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o777 if job.is_exec else 0o666)
         with open(fd, "wb") as out, open_file(view, job.path) as file:

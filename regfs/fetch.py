@@ -222,7 +222,8 @@ class ObjectStore:
         return self._fetcher.fetch(ref, self.remote(), size)
 
     def fetch_ahead(self, ref: ObjectRef, size: int | None) -> None:
-        """Cache an object before any read needs it (read-ahead), unless it is cached."""
+        """Cache an object before any read needs it (read-ahead), unless it is cached (checked
+        first: a cached one must not open the remote, which may be unreachable)."""
         if self._fetcher.cache.find(ref) is None:
             self._fetcher.fetch(ref, self.remote(), size, ahead=True)
 
