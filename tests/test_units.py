@@ -6,12 +6,14 @@ compare whole mounts with what the real DVC produces.
 
 import hashlib
 import json
+import os
 import threading
 
 import pytest
 
 from regfs import manifest as manifest_module
 from regfs.address import parse_address
+from regfs.backends import _environment_has_http_settings
 from regfs.dvcconfig import Config, parse_config, parse_override
 from regfs.dvcmeta import HASH_LEGACY, HASH_MD5, parse_dvc_file, parse_pipeline
 from regfs.errors import ConfigError, MetafileError
@@ -362,3 +364,22 @@ def test_read_ahead_windows():
     assert _fetched_ahead(ReadAhead(64), _Entries(100), [(9 - i, False) for i in range(10)]) == []
     assert _fetched_ahead(ReadAhead(64), _Entries(100), [(i * 9, False) for i in range(10)]) == []
     assert _fetched_ahead(ReadAhead(0), _Entries(100), [(i, False) for i in range(10)]) == []
+
+
+def test_http_sessions_trust_the_environment_only_where_it_has_settings(monkeypatch, tmp_path):
+    """aiohttp's trust_env (proxy variables, ~/.netrc) costs every request a netrc lookup in a
+    thread: HTTP sessions turn it on only when there is a proxy variable or a netrc file."""
+    for name in [name for name in os.environ if name.lower().endswith("_proxy")] + ["NETRC"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert not _environment_has_http_settings()
+    (tmp_path / ".netrc").write_text("machine example.org login user password secret\n")
+    assert _environment_has_http_settings()
+    (tmp_path / ".netrc").unlink()
+    monkeypatch.setenv("NETRC", str(tmp_path / "elsewhere"))
+    assert not _environment_has_http_settings()
+    (tmp_path / "elsewhere").write_text("default login user password secret\n")
+    assert _environment_has_http_settings()
+    monkeypatch.delenv("NETRC")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    assert _environment_has_http_settings()
