@@ -383,3 +383,33 @@ def test_http_sessions_trust_the_environment_only_where_it_has_settings(monkeypa
     monkeypatch.delenv("NETRC")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
     assert _environment_has_http_settings()
+
+
+def test_the_fd_table_closes_the_oldest_idle_descriptors_beyond_its_cap():
+    """Past `max_open`, the oldest descriptors nobody reads are closed (their objects released),
+    no more than the excess; one in use stays, however old."""
+    from regfs.cache import ObjectRef
+    from regfs.files import OpenFiles, _Descriptor
+
+    class Cache:
+        def __init__(self):
+            self.released = []
+
+        def release(self, ref) -> None:
+            self.released.append(ref)
+
+    files, cache = OpenFiles(max_open=2), Cache()
+    refs = [ObjectRef(f"{number:032x}", "md5") for number in range(5)]
+    descriptors = [_Descriptor(os.open(os.devnull, os.O_RDONLY), cache, ref) for ref in refs]
+    descriptors[0].users = 1  # the oldest, being read
+    try:
+        for ref, descriptor in zip(refs, descriptors):
+            files._open[ref] = descriptor
+        files._trim()
+        assert list(files._open) == [refs[0], refs[4]]
+        assert cache.released == refs[1:4]
+        assert [descriptor.dropped for descriptor in descriptors] == [False, True, True, True, False]
+    finally:
+        files.close_all()
+        descriptors[0].users = 0
+        descriptors[0].close()
