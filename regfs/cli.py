@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_size(mount)
     _add_common(mount)
 
-    umount = commands.add_parser("umount", help="unmount and wait for the daemon to exit")
+    umount = commands.add_parser("umount", aliases=["unmount"],
+                                 help="unmount and wait for the daemon to exit")
     umount.add_argument("mountpoint")
     umount.add_argument("--debug", action="store_true")
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "mount":
             return _mount(args, argv)
-        if args.command == "umount":
+        if args.command in ("umount", "unmount"):
             return _umount(args.mountpoint)
         if args.command == "status":
             return _status(args.json)
@@ -163,7 +164,7 @@ def _mount(args, argv: list[str]) -> int:
     return spawn([*argv, "--cache-dir", cache_dir], options)
 
 
-_COMMANDS = ("mount", "umount", "ls", "status", "stats", "get", "cat", "prefetch", "cache")
+_COMMANDS = ("mount", "umount", "unmount", "ls", "status", "stats", "get", "cat", "prefetch", "cache")
 # Generic mount(8) options that mean nothing more for a read-only FUSE mount (mount.fuse3(8)).
 _GENERIC_MOUNT_OPTIONS = {"rw", "ro", "defaults", "auto", "noauto", "user", "users", "nouser", "_netdev",
                           "nofail", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",

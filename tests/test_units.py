@@ -413,3 +413,13 @@ def test_the_fd_table_closes_the_oldest_idle_descriptors_beyond_its_cap():
         files.close_all()
         descriptors[0].users = 0
         descriptors[0].close()
+
+
+@pytest.mark.parametrize("command", ["umount", "unmount"])
+def test_umount_and_its_alias_refuse_a_path_that_is_not_mounted(command, tmp_path, capsys):
+    """`regfs unmount X` is the umount command, not a mount of a source named "unmount" at X (the
+    mount.fuse3 form `regfs SOURCE MOUNTPOINT` takes any other first word as a source)."""
+    from regfs.cli import main
+
+    assert main([command, str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == f"regfs: error: {tmp_path} is not mounted"
