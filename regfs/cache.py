@@ -18,6 +18,7 @@ bytes; a reader that found the path but had not opened it yet fetches the object
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -49,11 +50,14 @@ class ObjectRef:
     object_id: str
     hash_name: str
 
+    def __hash__(self) -> int:  # a ref is hashed several times per read: its id's hash is kept by str
+        return hash(self.object_id)
+
     @property
     def digest(self) -> str:
         return self.object_id.removesuffix(".dir")
 
-    @property
+    @functools.cached_property
     def relpath(self) -> str:
         """Path below a cache or remote root; legacy objects use the pre-3.0 layout."""
         prefix = "" if self.hash_name == HASH_LEGACY else "files/md5/"

@@ -4,7 +4,10 @@
     MOUNT/feature/x -> ../@..   refs with '/' become directories holding the symlink
     MOUNT/@<sha>/...            any commit by full sha or unique 7+ hex prefix, resolved on lookup
 
-Only the ref symlinks change (on `refresh`); everything below `@<sha>` is immutable. The view
+Only the ref symlinks change (on `refresh`); everything below `@<sha>` is immutable, so the nodes
+found there are kept (the last `_KEPT_NODES`, most recently used): the kernel asks for a file by
+path in each request (a lookup, then its reads), and a path below a directory already found costs
+one step, not a walk from the root through its manifest. The view
 answers in core terms (`Attr`, names, `FileReader`) and raises `RegfsError`s; the FUSE adapter
 translates. `entries` lists a directory with the attributes of its entries where they are known
 without I/O and cannot change (below a commit), so that a listing costs no request per entry.
@@ -17,16 +20,29 @@ import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+from cachetools import LRUCache
+
 from regfs.errors import IsADirectory, NotADirectory, PathNotFound, RegfsError
 from regfs.files import OpenFiles
 from regfs.manifest import Row
 from regfs.registry import Registry
 from regfs.stats import Stats
-from regfs.tree import BlobNode, DirNode, ImportedFileNode, LinkNode, Node, ObjectNode, OutputDirNode, lookup
+from regfs.tree import (
+    BlobNode,
+    DirNode,
+    ImportedFileNode,
+    LinkNode,
+    Node,
+    ObjectNode,
+    OutputDirNode,
+    child,
+    lookup,
+)
 
 logger = logging.getLogger(__name__)
 
 _MAX_REMEMBERED_MISSES = 10_000  # more misses between two refreshes are not remembered (nor dropped)
+_KEPT_NODES = 16_384  # nodes below commits kept by (commit, path): a few MB
 
 
 class Attr(NamedTuple):
@@ -44,6 +60,8 @@ class MountView:
         self._refs_time = int(time.time())
         self._commits: dict[str, str] = {}  # `@<sha or prefix>` names already resolved
         self._lock = threading.Lock()
+        self._nodes: LRUCache = LRUCache(maxsize=_KEPT_NODES)  # (commit sha, path) -> node
+        self._nodes_lock = threading.Lock()
         # Root names whose kernel cache entries a refresh may have made wrong: refs that moved,
         # came or went, and names looked up in vain (a new tag, a commit not fetched yet).
         self.on_root_changed: Callable[[set[str]], None] | None = None
@@ -133,7 +151,20 @@ class MountView:
 
     def _in_commit(self, commit_sha: str, path: str) -> tuple[Node, int, str]:
         snapshot = self.registry.tree(commit_sha)
-        return lookup(snapshot.root, path), snapshot.commit_time, commit_sha
+        return self._node(snapshot.root, commit_sha, path), snapshot.commit_time, commit_sha
+
+    def _node(self, root: DirNode, commit_sha: str, path: str) -> Node:
+        """The node at `path` in the commit whose tree is `root`: kept, or found from its parent's."""
+        key = (commit_sha, path)
+        with self._nodes_lock:
+            node = self._nodes.get(key)
+        if node is not None:
+            return node
+        parent, slash, name = path.rpartition("/")
+        node = child(self._node(root, commit_sha, parent), name, path) if slash else lookup(root, path)
+        with self._nodes_lock:
+            self._nodes[key] = node
+        return node
 
     def provenance(self, path: str) -> dict[str, str]:
         """Where the entry at `path` comes from: `commit`, `hash`, `remote`, `url` (as known)."""

@@ -241,13 +241,18 @@ def lookup(root: Node, path: str) -> Node:
     """The node at `path` (POSIX, relative to `root`; "" is the root)."""
     node = root
     for name in path.split("/") if path else ():
-        if not isinstance(node, DirNode):
-            raise NotADirectory(f"not a directory: {path}")
-        child = node.children().get(name)
-        if child is None:
-            raise PathNotFound(f"no such file or directory: {path}")
-        node = child
+        node = child(node, name, path)
     return node
+
+
+def child(node: Node, name: str, path: str) -> Node:
+    """The entry `name` of the directory `node`, on the way to `path` (named in errors)."""
+    if not isinstance(node, DirNode):
+        raise NotADirectory(f"not a directory: {path}")
+    found = node.children().get(name)
+    if found is None:
+        raise PathNotFound(f"no such file or directory: {path}")
+    return found
 
 
 class TreeBuilder:

@@ -176,6 +176,25 @@ def test_manifest_directories_are_ranges_in_byte_order():
     assert directory.lookup("x/") is None and directory.lookup("z") is None
 
 
+def test_manifest_key_search_is_a_bisection_of_the_keys():
+    """`_Keys.search` (a bisection of a sample of the keys, then of a stride) finds what a plain
+    bisection does, for every key present, keys between and around them, and any bounds."""
+    import random
+    from bisect import bisect_left
+
+    rng = random.Random(7)
+    for count in (0, 1, 31, 32, 33, 64, 200):
+        relpaths = sorted({f"{rng.choice('abc')}/{rng.randrange(10_000):04}" for _ in range(count)})
+        keys = parse_manifest(manifest_of(relpaths), "m").keys
+        probes = [key for relpath in relpaths for key in (relpath.encode(), relpath.encode() + b"0",
+                                                           relpath.encode()[:-1])]
+        probes += [b"", b"a", b"a/", b"a0", b"b/5", b"c0", b"zz"]
+        for key in probes:
+            low = rng.randrange(len(keys) + 1)
+            for bounds in ((0, len(keys)), (low, rng.randrange(low, len(keys) + 1))):
+                assert keys.search(key, *bounds) == bisect_left(keys, key, *bounds), (count, key, bounds)
+
+
 def test_manifest_sizes_are_filled_in_batches():
     relpaths = [f"d/{number}" for number in range(7)]
     manifest = parse_manifest(manifest_of(relpaths, **{"d/1": {"size": 11}}), "m")
