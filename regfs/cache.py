@@ -3,26 +3,29 @@
 `<dir>/files/md5/ab/cdef...` for DVC 3 objects, `<dir>/ab/cdef...` for legacy (DVC 2) objects,
 `.dir` manifests beside them; mode 0444, as DVC writes them. So a DVC cache directory can be used
 as regfs's cache and the other way round. regfs's own state lives in `<dir>/regfs/`, which DVC
-never looks at (its name is not a two-hex-digit prefix): `tmp/` (downloads in progress), `locks/`,
-and the sqlite indexes of `regfs.cacheindex`.
+never looks at (its name is not a two-hex-digit prefix): `tmp/` (downloads in progress),
+`objects.lock`, and the sqlite indexes of `regfs.cacheindex`.
 
 Invariants: an object becomes visible at its final path only by an atomic rename after its bytes
 were verified against its id (a `--stream` reader reads the temporary file of a download in
-progress, through regfs/download.py, knowingly); one object is written by one process at a time (an
-flock on a per-object lock file), so concurrent readers in any number of processes cause one
-download. An object is removed (evicted, or dropped as corrupt) only while its lock is held, so
+progress, through regfs/download.py, knowingly); one object is written by one process at a time (a
+lock on the object's own byte of `objects.lock`, see `locked`), so concurrent readers in any number
+of processes cause one download. An object is removed (evicted, or dropped as corrupt) only while its lock is held, so
 never while it is being downloaded, and never while this process holds it open (`hold`). Another
 process may have it open: unlink(2) removes the name only and its descriptor keeps reading the same
 bytes; a reader that found the path but had not opened it yet fetches the object again.
 """
 
 import contextlib
+import errno
 import fcntl
 import functools
+import hashlib
 import logging
 import os
 import re
 import stat
+import struct
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -119,13 +122,12 @@ class ObjectCache:
         self.directory = os.path.abspath(directory)
         self.state_dir = os.path.join(self.directory, "regfs")
         self.tmp_dir = os.path.join(self.state_dir, "tmp")
-        self._lock_dir = os.path.join(self.state_dir, "locks")
-        for path in (self.tmp_dir, self._lock_dir):
-            os.makedirs(path, exist_ok=True)
+        self._locks_file = os.path.join(self.state_dir, "objects.lock")
+        os.makedirs(self.tmp_dir, exist_ok=True)
         if shared_group:
             # As DVC's `cache.shared = group`: setgid directories (their subdirectories inherit the
             # group and the bit), and the caller's umask 002 keeps new files group-writable.
-            for path in (self.directory, self.state_dir, self.tmp_dir, self._lock_dir):
+            for path in (self.directory, self.state_dir, self.tmp_dir):
                 _share_with_group(path)
         if shared_group:
             # sqlite would create its files 0644 (their -wal/-shm files copy that mode), so another
@@ -163,7 +165,7 @@ class ObjectCache:
         """The object's cache path, calling `fill` to download it unless another process did."""
         target = self.path(ref)
         if not os.path.isfile(target):
-            with self._locked(ref):
+            with self.locked(ref):
                 if not os.path.isfile(target):
                     self._download(ref, fill, target)
         self.usage.touch(ref.relpath)
@@ -197,9 +199,11 @@ class ObjectCache:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp_path)
         # After the rename: a full disk fails the indexes, not the read.
-        self.sizes.put(ref, writer.size)
         info = os.stat(target)
-        self.mark_verified(ref, (info.st_ino, info.st_size, info.st_mtime_ns))
+        signature = (info.st_ino, info.st_size, info.st_mtime_ns)
+        with self._held_lock:
+            self._verified[ref.relpath] = signature
+        self.sizes.put_installed(ref, writer.size, signature)
         self.watcher.installed(writer.size)
 
     def open(self, ref: ObjectRef, locate: Callable[[], str]) -> int:
@@ -240,7 +244,7 @@ class ObjectCache:
             return True
         logger.error("cached object %s is corrupt (its bytes hash to %s, %d bytes): removing it to fetch it "
                      "again", ref.object_id, digest, offset)
-        with self._locked(ref), contextlib.suppress(FileNotFoundError):
+        with self.locked(ref), contextlib.suppress(FileNotFoundError):
             if os.path.samestat(os.stat(self.path(ref)), info):
                 os.unlink(self.path(ref))
         self.sizes.forget([ref.relpath])
@@ -292,7 +296,7 @@ class ObjectCache:
         """Unlink an object, unless this process holds it, or its lock is taken (a download; with
         `wait`, wait for the lock instead), or it is not the file `same_as` describes. True if the
         object is gone. Raises OSError if the file cannot be removed (permissions)."""
-        with self._locked(ref, wait) as locked:
+        with self.locked(ref, wait) as locked:
             if not locked:
                 return False
             with self._held_lock:  # a `hold` comes before the holder's open, or after this unlink
@@ -311,54 +315,38 @@ class ObjectCache:
         """Remove temporary files of downloads whose writer died (killed mid-download): a live
         writer holds its object's lock, so a temporary file whose lock is free is garbage."""
         removed = 0
-        for name in os.listdir(self.tmp_dir):
-            object_id = name.split(_TMP_SEPARATOR, 1)[0]
-            lock_path = os.path.join(self._lock_dir, object_id + ".lock")
-            try:
-                fd = os.open(lock_path, os.O_RDONLY)
-            except FileNotFoundError:
-                fd = None
-            try:
-                if fd is not None:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                os.unlink(os.path.join(self.tmp_dir, name))
-                removed += 1
-            except (BlockingIOError, FileNotFoundError):
-                continue  # being written right now, or already gone
-            finally:
-                if fd is not None:
-                    os.close(fd)
+        names = os.listdir(self.tmp_dir)
+        if not names:
+            return 0
+        fd = self._open_locks()
+        try:
+            for name in names:
+                object_id = name.split(_TMP_SEPARATOR, 1)[0]
+                if not _lock_byte(fd, object_id, fcntl.F_RDLCK, wait=False):
+                    continue  # being written right now
+                with contextlib.suppress(FileNotFoundError):  # else already gone
+                    os.unlink(os.path.join(self.tmp_dir, name))
+                    removed += 1
+                _lock_byte(fd, object_id, fcntl.F_UNLCK, wait=False)
+        finally:
+            os.close(fd)
         return removed
 
     @contextlib.contextmanager
-    def _locked(self, ref: ObjectRef, wait: bool = True) -> Iterator[bool]:
-        """An exclusive flock on the object's lock file; the file is removed while still held.
-        Without `wait`, gives False at once if another process holds it."""
-        path = os.path.join(self._lock_dir, ref.object_id + ".lock")
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides who shares it
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-                # Another holder may have unlinked the file between our open and our flock.
-                if _same_file(fd, path):
-                    break
-            except BlockingIOError:
-                os.close(fd)
-                fd = None
-                break
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)
-        if fd is None:
-            yield False
-            return
+    def locked(self, ref: ObjectRef, wait: bool = True) -> Iterator[bool]:
+        """An exclusive lock on the object, across processes and threads: an open file
+        description lock (fcntl(2), F_OFD_SETLKW) on the object's own byte of `objects.lock`,
+        taken through a descriptor of its own and released by closing it. One file for every
+        object: a lock file made and removed per object cost two file creations per download.
+        Without `wait`, gives False at once if someone else holds it."""
+        fd = self._open_locks()
         try:
-            yield True
+            yield _lock_byte(fd, ref.object_id, fcntl.F_WRLCK, wait)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
             os.close(fd)
+
+    def _open_locks(self) -> int:
+        return os.open(self._locks_file, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides who shares it
 
 
 def _reason(exc: OSError) -> str:
@@ -378,8 +366,20 @@ def _share_with_group(path: str, mode: int = 0o2775) -> None:
         os.chmod(path, mode)
 
 
-def _same_file(fd: int, path: str) -> bool:
+# struct flock of fcntl(2) on 64-bit Linux: type, whence (short), start, length (off_t), pid (pid_t)
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def _lock_byte(fd: int, object_id: str, kind: int, wait: bool) -> bool:
+    """Lock (F_WRLCK, F_RDLCK) or unlock (F_UNLCK) the byte of `object_id` in the locks file open
+    at `fd`: a byte at 62 bits of a hash of the id, so two objects practically never share one.
+    False if it is held by someone else and not `wait`."""
+    offset = int.from_bytes(hashlib.blake2b(object_id.encode(), digest_size=8).digest(), "big") >> 2
+    request = _FLOCK.pack(kind, os.SEEK_SET, offset, 1, 0)  # l_pid must be 0 for OFD locks
     try:
-        return os.path.samestat(os.fstat(fd), os.stat(path))
-    except FileNotFoundError:
-        return False
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, request)
+    except OSError as exc:
+        if not wait and exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True

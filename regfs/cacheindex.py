@@ -139,6 +139,15 @@ class SizeIndex(_SqliteIndex):
         except _ERRORS as exc:
             logger.warning("cannot record a verified object in %s: %s", self.path, exc)
 
+    def put_installed(self, ref, size: int, signature: tuple[int, int, int]) -> None:
+        """A downloaded object's size and verified signature, in one transaction."""
+        try:
+            with self._connection() as connection:
+                connection.execute("INSERT OR REPLACE INTO sizes VALUES (?, ?)", (ref.relpath, size))
+                connection.execute("INSERT OR REPLACE INTO verified VALUES (?, ?, ?, ?)", (ref.relpath, *signature))
+        except _ERRORS as exc:
+            logger.warning("cannot record object sizes in %s: %s", self.path, exc)
+
     def get_many(self, refs: list) -> dict:
         by_key = {ref.relpath: ref for ref in refs}
         try:

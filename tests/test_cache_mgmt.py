@@ -10,7 +10,6 @@ checked against the cache directory walked here, and against the stores the obje
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import json
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from regfs.cache import ObjectCache, ObjectRef
 from regfs.cachectl import format_size, parse_size
 from regfs.errors import UsageError
 from tests.mounting import run_cli
@@ -356,12 +356,9 @@ def test_a_bad_cache_size_is_one_clear_error(dataset, regfs_cli, tmp_path):
 @contextlib.contextmanager
 def _download_lock(cache: Path, object_id: str) -> Iterator[None]:
     """Hold an object's download lock, as a regfs process downloading that object does."""
-    fd = os.open(cache / "regfs" / "locks" / f"{object_id}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with ObjectCache(str(cache)).locked(ObjectRef(object_id, "md5")) as locked:
+        assert locked
         yield
-    finally:
-        os.close(fd)
 
 
 def _gc(tools, workdir: Path, cache: Path, max_size: int) -> set[str]:

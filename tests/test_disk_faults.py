@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -113,7 +114,11 @@ def test_a_full_cache_disk_fails_the_read_cleanly_and_recovers_when_space_is_fre
             assert not object_path(cache, huge_id).exists()
             assert cached_objects(cache) == before, "objects cached before the failure changed"
 
-            # Full to the last page but one: `note.txt` fits, the size index's next write does not.
+            # Full to the last page but one: `note.txt` fits, the size index's next write does not
+            # (its write-ahead log emptied first, so that the write must grow it).
+            with sqlite3.connect(cache / "regfs" / "sizes.sqlite") as connection:
+                connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            connection.close()
             fill(cache, leave_pages=1)
             assert (mounted / "note.txt").read_bytes() == expected["note.txt"][2]
             assert md5_hex(object_path(cache, note_id).read_bytes()) == note_id

@@ -442,3 +442,39 @@ def test_umount_and_its_alias_refuse_a_path_that_is_not_mounted(command, tmp_pat
 
     assert main([command, str(tmp_path)]) == 1
     assert capsys.readouterr().err.strip() == f"regfs: error: {tmp_path} is not mounted"
+
+
+def test_object_locks_exclude_threads_and_spare_other_objects(tmp_path):
+    """`ObjectCache.locked`: one holder per object (a thread of this process counts as another
+    holder), other objects free; a temporary file is stale only while no one holds its object."""
+    from regfs.cache import ObjectCache, ObjectRef
+
+    cache = ObjectCache(str(tmp_path))
+    ref, other = ObjectRef("a" * 32, "md5"), ObjectRef("b" * 32, "md5")
+    stale, busy = (os.path.join(cache.tmp_dir, f"{ref.object_id}~x{n}") for n in (1, 2))
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with cache.locked(ref) as locked:
+            assert locked
+            taken.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert taken.wait(30)
+        with cache.locked(ref, wait=False) as locked:
+            assert not locked
+        with cache.locked(other, wait=False) as locked:
+            assert locked
+        open(busy, "w").close()
+        assert cache.remove_stale_downloads() == 0 and os.path.exists(busy)
+    finally:
+        release.set()
+        holder.join()
+    open(stale, "w").close()
+    assert cache.remove_stale_downloads() == 2 and os.listdir(cache.tmp_dir) == []
+    with cache.locked(ref, wait=False) as locked:
+        assert locked
+
