@@ -4,7 +4,8 @@
 `.dir` manifests beside them; mode 0444, as DVC writes them. So a DVC cache directory can be used
 as regfs's cache and the other way round. regfs's own state lives in `<dir>/regfs/`, which DVC
 never looks at (its name is not a two-hex-digit prefix): `tmp/` (downloads in progress),
-`objects.lock`, and the sqlite indexes of `regfs.cacheindex`.
+`objects.lock`, `manifests/` (packed copies of parsed `.dir` manifests, see regfs/manifest.py), and
+the sqlite indexes of `regfs.cacheindex`.
 
 Invariants: an object becomes visible at its final path only by an atomic rename after its bytes
 were verified against its id (a `--stream` reader reads the temporary file of a download in
@@ -123,6 +124,7 @@ class ObjectCache:
         self.state_dir = os.path.join(self.directory, "regfs")
         self.tmp_dir = os.path.join(self.state_dir, "tmp")
         self._locks_file = os.path.join(self.state_dir, "objects.lock")
+        self._packed_dir = os.path.join(self.state_dir, "manifests")
         os.makedirs(self.tmp_dir, exist_ok=True)
         if shared_group:
             # As DVC's `cache.shared = group`: setgid directories (their subdirectories inherit the
@@ -309,7 +311,44 @@ class ObjectCache:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass  # removed by someone else meanwhile
+        if ref.object_id.endswith(".dir"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._packed_path(ref))
         return True
+
+    def packed_manifest(self, ref: ObjectRef) -> bytes | None:
+        """The packed copy of the manifest `ref` kept by `keep_packed_manifest`, as stored (the
+        caller checks it: `manifest.load_packed`), or None."""
+        try:
+            with open(self._packed_path(ref), "rb") as file:
+                return file.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # the manifest is parsed instead: slower, never wrong
+            logger.warning("cannot read the packed copy of manifest %s: %s", ref.object_id, _reason(exc))
+            return None
+
+    def keep_packed_manifest(self, ref: ObjectRef, record: bytes) -> None:
+        """Keep a packed copy of a parsed manifest in `regfs/manifests/` (written whole, then
+        renamed into place); removed with the manifest's object."""
+        tmp_path = None
+        try:
+            os.makedirs(self._packed_dir, exist_ok=True)
+            fd, tmp_path = tempfile.mkstemp(dir=self._packed_dir, prefix=".", suffix=".tmp")
+            with os.fdopen(fd, "wb") as file:
+                file.write(record)
+            os.chmod(tmp_path, 0o444)
+            os.replace(tmp_path, self._packed_path(ref))
+            tmp_path = None
+        except OSError as exc:  # a full disk, say: the manifest is parsed again next time
+            logger.warning("cannot keep a packed copy of manifest %s: %s", ref.object_id, _reason(exc))
+        finally:
+            if tmp_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp_path)
+
+    def _packed_path(self, ref: ObjectRef) -> str:
+        return os.path.join(self._packed_dir, f"{ref.object_id}-{ref.hash_name}")
 
     def remove_stale_downloads(self) -> int:
         """Remove temporary files of downloads whose writer died (killed mid-download): a live

@@ -25,7 +25,7 @@ from cachetools import LRUCache
 from regfs.cache import ObjectCache, ObjectRef
 from regfs.download import PART, Download
 from regfs.errors import CacheError, IntegrityError, RegfsError, RemoteError
-from regfs.manifest import Manifest, parse_manifest
+from regfs.manifest import Manifest, load_packed, parse_manifest
 from regfs.remotes import Location, Remote
 from regfs.stats import Stats
 
@@ -140,13 +140,28 @@ class Fetcher:
         with self._manifest_lock:
             manifest = self._manifests.get(ref)
         if manifest is None:
+            manifest = self._packed_manifest(ref)
+        if manifest is None:
             fd = self.cache.open(ref, lambda: self.cache.find(ref) or self.fetch(ref, remote_of()))
             with os.fdopen(fd, "rb") as file:
                 manifest = parse_manifest(file, f"manifest {ref.object_id}")
-            with self._manifest_lock:
-                if manifest.nbytes <= MANIFEST_MEMO_BYTES:
-                    self._manifests[ref] = manifest
+            # Before any size is learned: the copy holds what the manifest's own bytes say.
+            self.cache.keep_packed_manifest(ref, manifest.packed_record(ref.relpath))
+        with self._manifest_lock:
+            if manifest.nbytes <= MANIFEST_MEMO_BYTES:
+                self._manifests[ref] = manifest
         return manifest
+
+    def _packed_manifest(self, ref: ObjectRef) -> Manifest | None:
+        record = self.cache.packed_manifest(ref)
+        if record is None:
+            return None
+        try:
+            return load_packed(record, ref.relpath, f"manifest {ref.object_id}")
+        except ValueError as exc:
+            logger.warning("ignoring the packed copy of manifest %s: %s; parsing the manifest again",
+                           ref.object_id, exc)
+            return None
 
     def fill_sizes(self, ref: ObjectRef, manifest: Manifest, remote_of: Callable[[], Remote]) -> None:
         """Sizes for the entries of the manifest `ref` that have none: all at once from the record

@@ -7,7 +7,9 @@ shared buffer, its 16-byte digest, its size (-1: unknown) and its exec bit, in r
 directory of the output is then one contiguous range of entries (`Listing`), searched by bisection;
 the caller makes nodes only for the names it looks up. Sizes learned later (`fill_sizes`) go into the
 same array, so a manifest shared by many commits learns them once; once all are known, they can be
-kept as one record (`sizes_record`) that a later process loads whole (`load_sizes`).
+kept as one record (`sizes_record`) that a later process loads whole (`load_sizes`). The packed
+form itself can be kept as one record too (`packed_record`), which a later process loads without
+the JSON (`load_packed`), checking it entry by entry as a parse does.
 
 Manifests are untrusted input. JSON that does not parse, a top level that is not a list, an entry
 that is not an object, a relpath that is unsafe (see `dvcmeta.is_safe_relpath`), an md5 that is not 32
@@ -52,6 +54,7 @@ _PARENT = methodcaller("rpartition", b"/")
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 80, 80
 _RECORD_MAGIC = b"regfs manifest sizes 1\0"
+_PACKED_MAGIC = b"regfs packed manifest 1\0"
 _RECORD_DIGEST = 16  # blake2b's, over everything before it
 
 # What a directory listing says of one entry: its name, kind ("file" or "dir"), size (None: not
@@ -181,6 +184,22 @@ class Manifest:
             raise ValueError("its sizes differ from those in the manifest")
         own[:] = sizes
 
+    def packed_record(self, identity: str) -> bytes:
+        """The whole manifest as one record for `load_packed`: a header (magic, `identity` naming
+        the manifest, entry count, bytes of relpaths), the relpaths (each followed by a NUL), the
+        digests, the sizes as little-endian int64 (-1: unknown), the exec bits, and a digest of
+        all that. Loading it skips the JSON, which is most of the cost of a parse."""
+        sizes = self._sizes
+        if sys.byteorder == "big":
+            sizes = array("q", sizes)
+            sizes.byteswap()
+        record = bytearray(_PACKED_MAGIC + identity.encode("utf-8", "surrogateescape") + b"\0")
+        record += len(self).to_bytes(8, "little") + len(self._paths).to_bytes(8, "little")
+        for part in (self._paths, self._digests, sizes, self._exec_bits):
+            record += part
+        record += hashlib.blake2b(record, digest_size=_RECORD_DIGEST).digest()
+        return bytes(record)
+
     def children(self, prefix: bytes, low: int, high: int) -> Sequence[int]:
         """The first entry of each child of the directory `prefix` (entries low..high): a file's
         entry, or the first entry below a subdirectory. Kept for directories of many entries (a
@@ -293,6 +312,53 @@ def parse_manifest(source: bytes | BinaryIO, what: str) -> Manifest:
     return builder.finish()
 
 
+def load_packed(record: bytes, identity: str, what: str) -> Manifest:
+    """The manifest a `packed_record` of `identity` holds, checked as a parse checks one (safe
+    relpaths in order, no duplicate, no file that is also a directory, sizes in range): a record
+    made by anyone but regfs is no more trusted than the JSON. Raises ValueError, saying why, for
+    a record that is not exactly one of `identity` or whose content fails those checks."""
+    header = _PACKED_MAGIC + identity.encode("utf-8", "surrogateescape") + b"\0"
+    if not record.startswith(_PACKED_MAGIC):
+        raise ValueError("not a packed manifest")
+    if not record.startswith(header):
+        raise ValueError("the record of another manifest")
+    view = memoryview(record)
+    if len(record) < len(header) + 16 + _RECORD_DIGEST or hashlib.blake2b(
+            view[:-_RECORD_DIGEST], digest_size=_RECORD_DIGEST).digest() != record[-_RECORD_DIGEST:]:
+        raise ValueError("truncated, or its digest does not match its bytes")
+    count = int.from_bytes(view[len(header):len(header) + 8], "little")
+    path_bytes = int.from_bytes(view[len(header) + 8:len(header) + 16], "little")
+    start = len(header) + 16
+    ends = list(accumulate((path_bytes, _DIGEST * count, 8 * count, count), initial=start))
+    if ends[-1] != len(record) - _RECORD_DIGEST:
+        raise ValueError(f"{len(record)} bytes do not hold {count} entries and {path_bytes} bytes of relpaths")
+    paths, digests, exec_bits = record[ends[0]:ends[1]], record[ends[1]:ends[2]], record[ends[3]:ends[4]]
+    sizes = array("q")
+    sizes.frombytes(view[ends[2]:ends[3]])
+    if sys.byteorder == "big":
+        sizes.byteswap()
+    if paths.count(b"\0") != count or (count and not paths.endswith(b"\0")):
+        raise ValueError(f"its relpaths are not {count} NUL-terminated names")
+    if count and (min(sizes) < -1 or max(sizes) > MAX_SIZE or max(exec_bits) > 1):
+        raise ValueError("it holds a size or an exec bit out of range")
+    builder, position, index = _Builder(what), 0, 0
+    try:
+        while index < count:  # a megabyte of relpaths at a time, cut after a name
+            end = paths.rfind(b"\0", position, position + _CHUNK)
+            if end < position:  # one name longer than that
+                end = paths.index(b"\0", position)
+            relpaths = paths[position:end]
+            entries = relpaths.count(b"\0") + 1
+            if not _all_safe("\0" + relpaths.decode("utf-8", "surrogateescape") + "\0"):
+                raise ValueError("it holds an unsafe relpath")
+            builder.add_packed(relpaths, digests[index * _DIGEST:(index + entries) * _DIGEST],
+                               sizes[index:index + entries], exec_bits[index:index + entries])
+            position, index = end + 1, index + entries
+        return builder.finish()
+    except MetafileError as exc:
+        raise ValueError(str(exc)) from exc
+
+
 class _Text:
     """The decoded text of a stream, read a chunk at a time (JSON's encodings, as `json.loads`)."""
 
@@ -397,6 +463,11 @@ class _Builder:
         if not items:
             return
         relpaths, digests = _checked(items, self.what)
+        self.add_packed(relpaths, digests, _sizes(items), bytes(map(is_, map(_GET_EXEC, items), repeat(True))))
+
+    def add_packed(self, relpaths: bytes, digests: bytes, sizes: array, exec_bits: bytes) -> None:
+        """Entries already checked one by one: relpaths (safe, UTF-8, joined by NULs), their 16-byte
+        digests, sizes (-1: unknown) and exec bits (0 or 1)."""
         paths = relpaths.split(b"\0")
         first = paths[0]
         if self.in_order and not ((self.last is None or self.last < first)
@@ -408,8 +479,8 @@ class _Builder:
         self.bounds.extend(islice(accumulate(map(add, map(len, paths), repeat(1)), initial=self.bounds[-1]),
                                   1, None))
         self.digests += digests
-        self.sizes.extend(_sizes(items))
-        self.exec_bits += bytes(map(is_, map(_GET_EXEC, items), repeat(True)))
+        self.sizes.extend(sizes)
+        self.exec_bits += exec_bits
         if b"/" in relpaths:
             self.parents.update(map(itemgetter(0), map(_PARENT, paths)))
 

@@ -195,6 +195,45 @@ def test_manifest_key_search_is_a_bisection_of_the_keys():
                 assert keys.search(key, *bounds) == bisect_left(keys, key, *bounds), (count, key, bounds)
 
 
+def test_a_packed_manifest_loads_as_parsed_and_only_whole_safe_and_its_own():
+    """`Manifest.packed_record` / `load_packed`: the same entries as the parse (names that are not
+    UTF-8, sizes known or not, exec bits, nested directories, none at all); a record damaged,
+    truncated or of another manifest is refused, and so is one whose digest matches but whose
+    content a parse would refuse (made here by packing a Manifest built with bad content)."""
+    from array import array
+
+    from regfs.manifest import Manifest, load_packed
+
+    relpaths = ["a/b/c", "a/d", "x\udcff.bin", "é", "z"]
+    fields = {"a/d": {"size": 5, "isexec": True}, "z": {"size": 0}}
+    for text in (manifest_of(relpaths, **fields), b"[]"):
+        parsed = parse_manifest(text, "m")
+        loaded = load_packed(parsed.packed_record("files/md5/ab/c.dir"), "files/md5/ab/c.dir", "m")
+        assert list(loaded) == list(parsed) and list(loaded.root().rows()) == list(parsed.root().rows())
+    record = parse_manifest(manifest_of(relpaths, **fields), "m").packed_record("files/md5/ab/c.dir")
+    flipped = bytearray(record)
+    flipped[len(record) // 2] ^= 1
+    for bad, reason in [(bytes(flipped), "digest"), (record[:-1], "digest"), (b"junk", "not a packed"),
+                        (record, "another manifest")]:
+        with pytest.raises(ValueError, match=reason):
+            load_packed(bad, "files/md5/ab/c.dir" if reason != "another manifest" else "files/md5/ab/d.dir", "m")
+
+    def packed(names: list[bytes], sizes: list[int]) -> bytes:
+        paths = b"".join(name + b"\0" for name in names)
+        bounds = array("Q", [0])
+        for name in names:
+            bounds.append(bounds[-1] + len(name) + 1)
+        return Manifest(paths, bounds, bytes(16 * len(names)), array("q", sizes), bytes(len(names))) \
+            .packed_record("i")
+
+    for names, sizes, reason in [([b"a", b"../etc"], [1, 1], "unsafe"), ([b"a", b"a/b"], [1, 1], "both a file"),
+                                 ([b"b", b"b"], [1, 1], "duplicate"), ([b"a"], [-2], "out of range"),
+                                 ([b"a/"], [1], "unsafe")]:
+        with pytest.raises(ValueError, match=reason):
+            load_packed(packed(names, sizes), "i", "m")
+    assert [entry.relpath for entry in load_packed(packed([b"b", b"a"], [1, 2]), "i", "m")] == ["a", "b"]
+
+
 def test_manifest_sizes_are_filled_in_batches():
     relpaths = [f"d/{number}" for number in range(7)]
     manifest = parse_manifest(manifest_of(relpaths, **{"d/1": {"size": 11}}), "m")
