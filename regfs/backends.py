@@ -94,6 +94,10 @@ _TRANSIENT_ERRNOS = {errno.EIO, errno.EREMOTEIO, errno.EBUSY, errno.EAGAIN, errn
 class Backend:
     can_list = False
 
+    def warm(self) -> None:
+        """Set up the client (libraries, session) now, so that the first request does not wait
+        for it; asks the remote nothing. Nothing to do for most backends."""
+
     def size(self, path: str | Version) -> int | None:
         raise NotImplementedError
 
@@ -212,6 +216,9 @@ class HTTPBackend(Backend):
 
         self._fs = HTTPFileSystem(skip_instance_cache=True, get_client=_http_session,
                                   client_kwargs=client_kwargs)
+
+    def warm(self) -> None:
+        fsspec.asyn.sync(self._fs.loop, self._fs.set_session)
 
     def size(self, path: str | Version) -> int | None:
         return fsspec.asyn.sync(self._fs.loop, self._head, _unversioned(path))
@@ -348,6 +355,10 @@ def open_backend(spec: RemoteSpec, connect_timeout: float, read_timeout: float) 
 
 class S3Backend(FsspecBackend):
     container = "bucket"
+
+    def warm(self) -> None:
+        # s3fs makes its botocore client on the first request: about 0.6 s (service models, endpoint).
+        fsspec.asyn.sync(self._fs.loop, self._fs.set_session)
 
 
 def _s3_filesystem(options: dict, version_aware: bool) -> fsspec.AbstractFileSystem:

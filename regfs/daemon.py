@@ -139,6 +139,18 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
         raise RegfsError(f"cannot unmount {mountpoint}: {reason}")
 
 
+def _warm(view) -> None:
+    """`MountView.warm` in the background: a failure here is met again, and said, by the request
+    that needs what failed."""
+    started = time.monotonic()
+    try:
+        view.warm()
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the first request meets it again
+        logger.debug("could not prepare the default revision ahead of the first request: %s", exc)
+        return
+    logger.debug("default revision and its remotes ready in %.2fs", time.monotonic() - started)
+
+
 def pid_file(mountpoint: str) -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/regfs-{os.getuid()}"
     os.makedirs(runtime, mode=0o700, exist_ok=True)
@@ -187,6 +199,7 @@ def serve(options: MountOptions, ready_fd: int | None = None) -> int:
         def ready() -> None:  # called from libfuse's INIT, before any other request is served
             _raise_readahead(options.mountpoint, fuse.READAHEAD_KIB)
             report.ready()
+            threading.Thread(target=_warm, args=(view,), daemon=True, name="regfs-warm").start()
 
         fuse.mount(view, options.mountpoint, f"regfs:{registry.public_url}", on_ready=ready,
                    debug=options.debug, allow_other=options.allow_other)

@@ -107,6 +107,11 @@ class MountView:
         if notify is not None:
             notify(changed | changed_too)
 
+    def warm(self) -> None:
+        """Prepare what the first requests will need: the tree of the pinned commit (else of the
+        default branch) and the clients of its remotes (`Registry.warm`)."""
+        self.registry.warm(self.pinned_sha or self.registry.mirror.resolve("HEAD"))
+
     def resolve(self, path: str) -> tuple[Node, int]:
         """The node at `path` (relative to the mount root) and its mtime."""
         node, mtime, _ = self.locate(path)

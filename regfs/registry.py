@@ -180,6 +180,15 @@ class Registry:
                 self._trees[commit_sha] = snapshot
             return snapshot
 
+    def warm(self, commit_sha: str) -> None:
+        """Build the commit's tree and set up the clients of the remotes its outputs use, so that
+        the first listing and the first read do not wait for them."""
+        self.tree(commit_sha)
+        with self._lock:
+            stores = list(self._stores.values())
+        for store in stores:
+            store.remote().warm()
+
     def _build(self, commit_sha: str) -> Snapshot:
         items = self.mirror.walk(commit_sha)
         # The registry and each sub-repository (a directory with its own `.dvc/`) read their

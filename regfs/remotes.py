@@ -143,6 +143,10 @@ class Remote:
     def describe(self) -> str:
         return f"remote '{self.name}' ({self.url})"
 
+    def warm(self) -> None:
+        """Set up the client now (see `Backend.warm`)."""
+        self._backend.warm()
+
     def add_locations(self, locations: Mapping[str, Location]) -> None:
         """Read the objects named in `locations` (which may still grow) where they are."""
         self._located.append(locations)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -45,8 +46,14 @@ def s3_registry(tools, s3_server, tmp_path_factory) -> S3Registry:
 
 
 def test_s3_registry_equals_the_oracle(s3_registry, mount, oracle):
+    """And before any request, the daemon has built the tree and set up the S3 client."""
     source = s3_registry.registry.path
-    mounted = mount(f"{source}@main")
+    mounted = mount(f"{source}@main", "--debug")
+    deadline = time.monotonic() + 60
+    while "default revision and its remotes ready" not in mounted.log_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "default revision and its remotes ready" in mounted.log_text(), mounted.log_tail()
+    assert "Setting up s3fs instance" in mounted.log_text(), mounted.log_tail()
     assert_same_tree(snapshot(mounted.path), oracle.tree(source, "main"), "S3 registry @main")
 
 
