@@ -13,6 +13,8 @@ import sys
 from regfs import __version__
 from regfs.address import parse_address
 from regfs.daemon import (
+    DAEMON_ARGV,
+    DAEMON_COMMAND,
     MountOptions,
     check_mountpoint,
     mount_type,
@@ -107,6 +109,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [DAEMON_COMMAND] and DAEMON_ARGV in os.environ:  # a daemon `spawn` started
+        argv = json.loads(os.environ.pop(DAEMON_ARGV))
     if argv and not argv[0].startswith("-") and argv[0] not in _COMMANDS:
         argv = ["mount", *argv]  # mount.fuse3(8) runs `regfs SOURCE MOUNTPOINT -o OPTIONS`
     args = build_parser().parse_args(argv)

@@ -225,15 +225,23 @@ def _refresh_loop(view: MountView, interval: float, stop: threading.Event) -> No
             logger.warning("refresh failed, keeping the previous refs: %s", exc)
 
 
+DAEMON_COMMAND, DAEMON_ARGV = "daemon", "REGFS_DAEMON_ARGV"  # how `spawn` starts a daemon (see there)
+
+
 def spawn(argv: list[str], options: MountOptions) -> int:
     """Start the daemon detached and wait until it reports the mount ready or failed."""
     log_file = options.log_file or default_log_file(options.cache_dir, options.mountpoint)
     os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
     read_fd, write_fd = os.pipe()
+    # The arguments go to the daemon in its environment (readable by its user only), not on its
+    # command line, which every user of the machine can read (ps): they may hold credentials
+    # (`--remote-config NAME.password=...`, a URL with a token). The command line shows what is
+    # mounted where.
+    env = {**os.environ, DAEMON_ARGV: json.dumps([*argv, "--foreground", "--ready-fd", str(write_fd)])}
     with open(log_file, "ab") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "regfs", *argv, "--foreground", "--ready-fd", str(write_fd)],
-            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            [sys.executable, "-m", "regfs", DAEMON_COMMAND, options.address.public, options.mountpoint],
+            env=env, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             start_new_session=True)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import json
 import os
 from pathlib import Path
 from urllib.parse import quote
@@ -46,6 +47,11 @@ def exposed(mounted, regfs_cli) -> dict[str, str]:
     """Everything a user or an admin can see of a mount: its CLI output and log, stats, status,
     and every xattr of every entry."""
     texts = {"mount output": str(mounted.result), "daemon log": mounted.log_text()}
+    status = regfs_cli("status", "--json")
+    (pid,) = [record["pid"] for record in json.loads(status.stdout) if record["mountpoint"] == str(mounted.path)]
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:  # what `ps` shows every user
+        texts["daemon command line"] = cmdline.read().replace(b"\0", b" ").decode()
+    assert str(mounted.path) in texts["daemon command line"]
     stats = regfs_cli("stats", mounted.path, "--json")
     assert stats.returncode == 0, stats
     texts["regfs stats --json"] = str(stats)
