@@ -2,9 +2,11 @@
 
 `regfs mount` (without -f) starts this same program in the foreground as a detached child with a
 readiness pipe, and exits only when the child writes `ready` (exit 0) or an error line (exit 1), so
-a successful `regfs mount` always leaves a usable mount. The daemon records its pid per mountpoint
-so that `regfs umount` can wait for it to exit. SIGTERM/SIGINT make libfuse leave its loop and
-unmount; nothing is left behind.
+a successful `regfs mount` always leaves a usable mount. The child gets its arguments in its
+environment, not on its command line (see `spawn`). Once mounted, a background thread prepares what
+the first requests need (`MountView.warm`). The daemon records its pid per mountpoint so that
+`regfs umount` can wait for it to exit. SIGTERM/SIGINT make libfuse leave its loop and unmount;
+nothing is left behind.
 """
 
 from __future__ import annotations
