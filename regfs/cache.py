@@ -286,6 +286,21 @@ class ObjectCache:
                     if stat.S_ISREG(info.st_mode):
                         yield CachedObject(ObjectRef(prefix + name, hash_name), info.st_size, info.st_mtime)
 
+    def state_bytes(self) -> int:
+        """Bytes of regfs's own files besides downloads in progress: the indexes, the packed
+        manifests, the locks file, daemons' logs kept here (everything in `regfs/` but `tmp/`, and
+        but the indexes' write-ahead logs, which come and go with the processes using them)."""
+        total = 0
+        for directory, dirnames, filenames in os.walk(self.state_dir):
+            if directory == self.state_dir and "tmp" in dirnames:
+                dirnames.remove("tmp")
+            for name in filenames:
+                if name.endswith(("-wal", "-shm")):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.lstat(os.path.join(directory, name)).st_size
+        return total
+
     def temporary_files(self) -> list[int]:
         """Sizes of the files in regfs/tmp: downloads in progress, or of a writer that died."""
         sizes = []

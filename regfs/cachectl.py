@@ -169,7 +169,8 @@ def open_cache(directory: str, shared_group: bool = False) -> ObjectCache:
 
 
 def status(cache: ObjectCache) -> dict:
-    """What `regfs cache status` shows: objects and bytes in total and by the remote they came from."""
+    """What `regfs cache status` shows: objects and bytes in total and by the remote they came from,
+    temporary files, and the bytes of regfs's own state."""
     origins = cache.usage.origins()
     remotes: dict[str, dict] = {}
     unknown = {"objects": 0, "bytes": 0}
@@ -184,6 +185,7 @@ def status(cache: ObjectCache) -> dict:
     temporary = cache.temporary_files()
     return {"cache_dir": cache.directory, "objects": objects, "bytes": total,
             "temporary_files": len(temporary), "temporary_bytes": sum(temporary),
+            "state_bytes": cache.state_bytes(),
             "remotes": dict(sorted(remotes.items())), "unknown_origin": unknown}
 
 

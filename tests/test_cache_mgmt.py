@@ -432,8 +432,13 @@ def test_status_figures_match_the_disk_and_the_stores(dataset, legacy, extra, to
         mounted = mount(f"{source.path}@main", "--refresh", "0", cache_dir=cache)
         assert_same_tree(snapshot(mounted.path), oracle.tree(source.path, "main", dvc_executable=dvc),
                          f"mount of {source.path.parent.name}")
+        mounted.unmount()  # its last index writes done: the state on disk stays as status finds it
     _dvc_pull_into(tools, extra, cache, tmp_path / "workspace")
     (cache / "regfs" / "tmp" / f"{md5_hex(b'x')}~abc").write_bytes(b"t" * 777)
+    # regfs's own files as the status will find them (its own index connections checkpoint, later).
+    state = [path for path in (cache / "regfs").rglob("*") if path.is_file()
+             and path.relative_to(cache / "regfs").parts[0] != "tmp" and not path.name.endswith(("-wal", "-shm"))]
+    state_bytes = sum(path.stat().st_size for path in state)
 
     result = _cli(tools, tmp_path / "status", "cache", "status", "--json", "--cache-dir", cache)
     assert result.returncode == 0, result
@@ -441,6 +446,8 @@ def test_status_figures_match_the_disk_and_the_stores(dataset, legacy, extra, to
     disk = _disk_objects(cache)
     assert (report["objects"], report["bytes"]) == (len(disk), sum(disk.values()))
     assert (report["temporary_files"], report["temporary_bytes"]) == (1, 777)
+    assert any(path.parent.name == "manifests" for path in state), state  # packed manifests count too
+    assert report["state_bytes"] == state_bytes > 0
     # Each remote: every object of its store was fetched (one commit, all of it read).
     assert report["remotes"] == {f"remote 'store' ({source.store})": _store_totals(source.store)
                                  for source in (dataset, legacy)}
@@ -448,6 +455,7 @@ def test_status_figures_match_the_disk_and_the_stores(dataset, legacy, extra, to
 
     text = _cli(tools, tmp_path / "status-text", "cache", "status", "--cache-dir", cache)
     assert text.returncode == 0 and f"objects          {len(disk)}, " in text.stdout, text
+    assert "regfs state      " in text.stdout, text
     assert "unknown origin: 2 objects" in text.stdout
     missing = _cli(tools, tmp_path / "missing", "cache", "status", "--cache-dir", tmp_path / "no-such-cache")
     assert missing.returncode == 1 and missing.error_lines() == [
