@@ -32,6 +32,7 @@ from regfs.stats import Stats
 logger = logging.getLogger(__name__)
 
 MANIFEST_MEMO_BYTES = 128 << 20
+PACKED_MIN_ENTRIES = 1000  # smaller manifests parse in a few ms: no packed copy for them
 
 
 class Fetcher:
@@ -145,8 +146,9 @@ class Fetcher:
             fd = self.cache.open(ref, lambda: self.cache.find(ref) or self.fetch(ref, remote_of()))
             with os.fdopen(fd, "rb") as file:
                 manifest = parse_manifest(file, f"manifest {ref.object_id}")
-            # Before any size is learned: the copy holds what the manifest's own bytes say.
-            self.cache.keep_packed_manifest(ref, manifest.packed_record(ref.relpath))
+            if len(manifest) >= PACKED_MIN_ENTRIES:
+                # Before any size is learned: the copy holds what the manifest's own bytes say.
+                self.cache.keep_packed_manifest(ref, manifest.packed_record(ref.relpath))
         with self._manifest_lock:
             if manifest.nbytes <= MANIFEST_MEMO_BYTES:
                 self._manifests[ref] = manifest

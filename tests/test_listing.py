@@ -197,8 +197,9 @@ def test_fresh_mounts_take_the_sizes_of_a_manifest_from_its_record(big, mount, t
     """Once every entry's size is known, the size index keeps them as one record per manifest: a
     record that is not exactly its manifest's (another's, truncated) is ignored and rebuilt, and a
     fresh mount lists with the record alone (index rows and remote objects gone). Likewise the
-    packed copy of each parsed manifest (`regfs/manifests/`): another manifest's is ignored and
-    written again, and a fresh mount lists from the copies alone (the `.dir` objects gone too)."""
+    packed copy of a parsed manifest of 1,000 entries or more (`regfs/manifests/`, flat/'s, not
+    nested/'s): another manifest's is ignored and written again, and a fresh mount lists from the
+    copy alone (flat/'s `.dir` object gone too)."""
     cache, identities, records = tmp_path / "cache", {}, {}
     sizes = {hashlib.md5(data).hexdigest(): len(data) for data in CONTENTS}
     for object_id in (big.flat_manifest, big.nested_manifest):
@@ -218,27 +219,26 @@ def test_fresh_mounts_take_the_sizes_of_a_manifest_from_its_record(big, mount, t
     index.put_manifest_sizes(identities[big.flat_manifest], flat.sizes_record(identities[big.nested_manifest]))
     index.put_manifest_sizes(identities[big.nested_manifest], records[big.nested_manifest][:-9])
     assert set(manifest_records(cache)) == set(records)
-    copies = {object_id: cache / "regfs" / "manifests" / f"{object_id}-md5" for object_id in identities}
-    copies[big.flat_manifest].parent.mkdir()
-    copies[big.flat_manifest].write_bytes(parse_manifest(object_path(big.store, big.nested_manifest).read_bytes(),
-                                                         "nested").packed_record(identities[big.nested_manifest]))
+    copy = cache / "regfs" / "manifests" / f"{big.flat_manifest}-md5"
+    copy.parent.mkdir()
+    copy.write_bytes(parse_manifest(object_path(big.store, big.nested_manifest).read_bytes(),
+                                    "nested").packed_record(identities[big.nested_manifest]))
     first = mount(f"{big.registry.path}@main", cache_dir=cache)
     assert ls_l(first / "flat") == big.expected("flat")
     assert shapes(scandir_stat(first / "nested")) == big.expected("nested")
     assert first.log_text().count("ignoring the recorded sizes") == 2, first.log_tail()
     assert first.log_text().count("ignoring the packed copy of manifest") == 1, first.log_tail()
     assert manifest_records(cache) == records  # rebuilt by the mount
-    for object_id, copy in copies.items():  # written again: what the manifest's own bytes say
-        manifest = parse_manifest(object_path(big.store, object_id).read_bytes(), object_id)
-        assert copy.read_bytes() == manifest.packed_record(identities[object_id])
+    flat_manifest = parse_manifest(object_path(big.store, big.flat_manifest).read_bytes(), "flat")
+    assert copy.read_bytes() == flat_manifest.packed_record(identities[big.flat_manifest])  # written again
+    assert [path.name for path in copy.parent.iterdir()] == [copy.name]  # none for nested/'s 10 entries
 
     with sqlite3.connect(cache / "regfs" / "sizes.sqlite") as connection:
         connection.execute("DELETE FROM sizes")
     connection.close()
     away = {object_path(big.store, object_id): tmp_path / f"away{number}" for number, object_id in enumerate(sizes)}
-    for number, object_id in enumerate(identities):
-        away[object_path(big.store, object_id)] = tmp_path / f"away-manifest{number}"
-        object_path(cache, object_id).unlink()
+    away[object_path(big.store, big.flat_manifest)] = tmp_path / "away-manifest"
+    object_path(cache, big.flat_manifest).unlink()
     for source, target in away.items():
         source.rename(target)
     try:
