@@ -62,8 +62,12 @@ def pytest_collection_modifyitems(items: list) -> None:
 
 
 @pytest.fixture(scope="session")
-def tools(tmp_path_factory: pytest.TempPathFactory) -> Tools:
-    return Tools(tmp_path_factory.mktemp("tools"))
+def tools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tools]:
+    tools = Tools(tmp_path_factory.mktemp("tools"))
+    try:
+        yield tools
+    finally:
+        tools.close()
 
 
 @pytest.fixture(scope="session")
