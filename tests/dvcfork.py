@@ -1,13 +1,13 @@
-"""A fork server for the DVC 3 command line: `dvc` commands without DVC's start-up cost.
+"""A fork server for the DVC command line: `dvc` commands without DVC's start-up cost.
 
 A `dvc` process spends most of its CPU importing DVC, its plugins and their dependencies (about
-0.7 s of the 1-1.5 s a small command costs), and the suite runs hundreds of them. This server
-(run as a script with the suite's clean environment, `python tests/dvcfork.py SOCKET`) imports
-them once; for each command it forks a child that runs the real entry point of the `dvc`
-executable, `dvc.cli.main(argv)`, in the requested directory with stdin on /dev/null and stdout
-and stderr written to the files the client names, and answers the child's exit status. The
-child is a fresh single-threaded process: the server starts no threads and opens no
-repository, so nothing but imported modules is shared between commands.
+0.7 s of the 1-1.5 s a small command costs), and the suite runs hundreds of them. This server,
+`python tests/dvcfork.py SOCKET` run by the python of DVC's virtualenv in the suite's clean
+environment, imports them once; for each command it forks a child that runs the real entry
+point of the `dvc` script, `dvc.cli.main(argv)`, in the requested directory with stdin on
+/dev/null and stdout and stderr written to the files the client names, and answers the child's
+exit status. The child is a fresh single-threaded process: the server starts no threads and
+opens no repository, so nothing but imported modules is shared between commands.
 
 Protocol, one command per connection: the client sends one JSON line {"argv", "cwd", "stdout",
 "stderr"}; the server answers one line with the child's pid, then one with its exit status.
@@ -27,12 +27,12 @@ import sys
 import time
 from pathlib import Path
 
-# What `dvc add`, `push`, `pull`, `import`, `remote` ... import on their first use, and the
-# remote plugins the suite's registries use.
+# What `dvc add`, `push`, `pull`, `import`, `remote` ... import on their first use (DVC 2 and 3).
 PRELOAD = ("dvc.cli", "dvc.cli.parser", "dvc.repo", "dvc.repo.add", "dvc.repo.push", "dvc.repo.pull",
            "dvc.repo.fetch", "dvc.repo.imp", "dvc.repo.imp_url", "dvc.repo.checkout", "dvc.dependency",
-           "dvc.output", "dvc.stage", "dvc.config", "dvc_data.index", "dvc_objects.fs", "scmrepo.git",
-           "dvc_s3", "s3fs", "dvc_ssh", "dvc_azure", "dvc_gs", "dvc_http")
+           "dvc.output", "dvc.stage", "dvc.config", "dvc_data.index", "dvc_objects.fs", "scmrepo.git")
+# The remote plugins the suite's registries use, where installed (the DVC 2 virtualenv has none).
+PLUGINS = ("dvc_s3", "s3fs", "dvc_ssh", "dvc_azure", "dvc_gs", "dvc_http")
 
 
 def _run_child(connection: socket.socket, request: dict) -> None:
@@ -80,10 +80,13 @@ def _reap(*_) -> None:
 
 
 def serve(socket_path: str) -> None:
-    import importlib
+    import importlib.util
 
     for name in PRELOAD:
         importlib.import_module(name)
+    for name in PLUGINS:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
     import threading
 
     assert threading.active_count() == 1, "the fork server must not start threads"
@@ -105,14 +108,15 @@ def serve(socket_path: str) -> None:
 
 
 class DvcForkServer:
-    """Client of a fork server started with `env` (the suite's clean environment)."""
+    """Client of a fork server run by `interpreter` (the `python` of the `dvc` script's
+    virtualenv) with `env` (the suite's clean environment)."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]):
+    def __init__(self, interpreter: Path, workdir: Path, env: dict[str, str]):
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.socket_path = str(workdir / "dvc.sock")
         self._numbers = itertools.count()
-        self._process = subprocess.Popen([sys.executable, __file__, self.socket_path], env=env,
+        self._process = subprocess.Popen([interpreter, __file__, self.socket_path], env=env,
                                          cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
         with self._process.stdout as ready:
             if ready.readline() != b"ready\n":

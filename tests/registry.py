@@ -118,15 +118,15 @@ def clean_env(home: Path, site_cache: Path) -> dict[str, str]:
 class Tools:
     """The git and dvc executables and the environment every command of the suite runs with.
 
-    DVC 3 commands run in the clean environment go through a fork server (tests/dvcfork.py,
-    started on the first one, ended by `close`): the same `dvc` entry point, without the second
-    of CPU each new `dvc` process spends importing DVC."""
+    DVC commands run in the clean environment go through a fork server (tests/dvcfork.py) of
+    their `dvc` script's virtualenv, started on the first one and ended by `close`: the same
+    `dvc` entry point, without the second of CPU each new `dvc` process spends importing DVC."""
 
     workdir: Path
     env: dict[str, str] = field(init=False)
     dvc3: Path = field(init=False)
-    _dvc_server: DvcForkServer | None = field(init=False, default=None)
-    _dvc_server_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
+    _dvc_servers: dict[str, DvcForkServer] = field(init=False, default_factory=dict)
+    _dvc_servers_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         home = self.workdir / "home"
@@ -156,8 +156,9 @@ class Tools:
         timeout: float = COMMAND_TIMEOUT,
     ) -> subprocess.CompletedProcess:
         argv = [os.fspath(arg) for arg in argv]
-        if argv[0] == os.fspath(self.dvc3) and (env is None or env == self.env):
-            completed = self._dvc_fork_server().run(argv, cwd, timeout)
+        server = self._dvc_fork_server(argv[0]) if env is None or env == self.env else None
+        if server is not None:
+            completed = server.run(argv, cwd, timeout)
         else:
             completed = subprocess.run(
                 argv,
@@ -176,15 +177,20 @@ class Tools:
             )
         return completed
 
-    def _dvc_fork_server(self) -> DvcForkServer:
-        with self._dvc_server_lock:
-            if self._dvc_server is None:
-                self._dvc_server = DvcForkServer(self.workdir / "dvc-fork-server", self.env)
-            return self._dvc_server
+    def _dvc_fork_server(self, executable: str) -> DvcForkServer | None:
+        """The fork server for a `dvc` script of a virtualenv (run by the `python` beside it)."""
+        interpreter = Path(executable).with_name("python")
+        if Path(executable).name != "dvc" or not interpreter.exists():
+            return None
+        with self._dvc_servers_lock:
+            if executable not in self._dvc_servers:
+                workdir = self.workdir / f"dvc-fork-server-{len(self._dvc_servers)}"
+                self._dvc_servers[executable] = DvcForkServer(interpreter, workdir, self.env)
+            return self._dvc_servers[executable]
 
     def close(self) -> None:
-        if self._dvc_server is not None:
-            self._dvc_server.close()
+        for server in self._dvc_servers.values():
+            server.close()
 
 
 @dataclass
