@@ -9,6 +9,8 @@ point of the `dvc` script, `dvc.cli.main(argv)`, in the requested directory with
 exit status. The child is a fresh single-threaded process: the server starts no threads and
 opens no repository, so nothing but imported modules is shared between commands.
 
+The server ends at the end of its standard input: when the client closes it, or dies.
+
 Protocol, one command per connection: the client sends one JSON line {"argv", "cwd", "stdout",
 "stderr"}; the server answers one line with the child's pid, then one with its exit status.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -98,6 +101,9 @@ def serve(socket_path: str) -> None:
     listener.listen(64)
     print("ready", flush=True)
     while True:
+        ready, _, _ = select.select([listener, sys.stdin], [], [])
+        if sys.stdin in ready:  # end of input: the client closed it, or died (no server outlives it)
+            return
         connection, _ = listener.accept()
         with connection.makefile("rb") as lines:
             request = json.loads(lines.readline())
@@ -117,7 +123,7 @@ class DvcForkServer:
         self.socket_path = str(workdir / "dvc.sock")
         self._numbers = itertools.count()
         self._process = subprocess.Popen([interpreter, __file__, self.socket_path], env=env,
-                                         cwd=workdir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+                                         cwd=workdir, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         with self._process.stdout as ready:
             if ready.readline() != b"ready\n":
                 raise RuntimeError(f"the dvc fork server did not start (exit {self._process.wait()})")
@@ -145,7 +151,7 @@ class DvcForkServer:
         return completed
 
     def close(self) -> None:
-        self._process.terminate()
+        self._process.stdin.close()
         self._process.wait(timeout=30)
         os.unlink(self.socket_path)
 
