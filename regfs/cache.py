@@ -77,9 +77,14 @@ class ObjectWriter:
         self.size = 0  # bytes hashed so far, from the first
 
     def write_at(self, data: bytes, offset: int, fd: int | None = None) -> None:
-        """Raises CacheError, so that a full disk is never taken for a failed request."""
+        """Raises CacheError, so that a full disk is never taken for a failed request. A short
+        write is continued: on a filling disk pwrite(2) writes what fits and only the next call
+        fails (ENOSPC), and that failure is the one to report, not bytes silently missing."""
+        remaining = memoryview(data)
         try:
-            os.pwrite(self.fd if fd is None else fd, data, offset)
+            while remaining:
+                written = os.pwrite(self.fd if fd is None else fd, remaining, offset)
+                remaining, offset = remaining[written:], offset + written
         except OSError as exc:
             raise CacheError(f"{_reason(exc)} while caching {self._what}") from exc
 

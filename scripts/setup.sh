@@ -8,7 +8,8 @@
 #            .venv at the repo root with `pip install -c constraints.txt -e .`
 #   --test   the test extra (pytest, dvc with its s3/ssh/azure/gs plugins, moto[server],
 #            gcp-storage-emulator) into .venv, and .venv-dvc2 with the legacy DVC 2 the test suite
-#            uses to build fixtures (pinned by constraints-dvc2.txt); the test servers: Debian's
+#            uses to build fixtures (pinned by constraints-dvc2.txt; in the background while .venv
+#            installs); the test servers: Debian's
 #            openssh-server (for its sshd; where systemd runs, Debian also enables its service on
 #            port 22: `systemctl disable --now ssh` if unwanted) and Azurite from npm into
 #            tests/node/node_modules (`npm ci`, pinned by tests/node/package-lock.json, in the
@@ -218,10 +219,24 @@ check_constraints() { # FILE
     fi
 }
 
+# The background jobs (npm, and the DVC 2 virtualenv below) are stopped if setup dies before
+# waiting for them.
+npm_pid=
+dvc2_pid=
+dvc2_log=
+# shellcheck disable=SC2317  # run by the EXIT trap
+stop_background() {
+    local pid
+    for pid in $npm_pid $dvc2_pid; do
+        kill "$pid" 2>/dev/null || true
+    done
+    [ -z "$dvc2_log" ] || rm -f "$dvc2_log"
+}
+trap stop_background EXIT
+
 # --- Azurite (npm), in the background while pip works ------------------------------------------
 # Azurite 3.33.0 is the last release without Application Insights telemetry (its opentelemetry
 # packages triple the install: 365 MB instead of 121 MB).
-npm_pid=
 npm_log=tests/node/npm-ci.log
 npm_stamp=tests/node/node_modules/.regfs-setup
 if [ "$want_test" = 1 ]; then
@@ -234,8 +249,37 @@ if [ "$want_test" = 1 ]; then
         npm_t0=$SECONDS
         (cd tests/node && npm ci --no-audit --no-fund --loglevel=error) >"$npm_log" 2>&1 &
         npm_pid=$!
-        trap '[ -z "$npm_pid" ] || kill "$npm_pid" 2>/dev/null || true' EXIT  # if setup dies before waiting
     fi
+fi
+
+# --- .venv-dvc2: legacy DVC 2 for the test fixtures, in the background while .venv installs ------
+# (its pip spends much of its time downloading and unpacking: the two overlap well on two cores)
+setup_dvc2() {
+    make_venv .venv-dvc2
+    cons2=()
+    check_constraints constraints-dvc2.txt && cons2=(-c constraints-dvc2.txt)
+    stamp2=.venv-dvc2/.regfs-setup-dvc2
+    inputs2=(/dev/null)
+    [ -f constraints-dvc2.txt ] && inputs2+=(constraints-dvc2.txt)
+    value2=$(stamp_value "${DVC2_REQS[*]} $PYTHON" "${inputs2[@]}")
+    if up_to_date "$stamp2" "$value2" dvc; then
+        log ".venv-dvc2: ${DVC2_REQS[*]} already installed"
+    else
+        log ".venv-dvc2: pip install ${cons2[*]} ${DVC2_REQS[*]} ..."
+        t0=$SECONDS
+        pip_self_update .venv-dvc2 "${cons2[@]}"
+        pip_install .venv-dvc2 "${cons2[@]}" "${DVC2_REQS[@]}" || die "pip install into .venv-dvc2 failed (see above)"
+        printf '%s\n' "$value2" >"$stamp2"
+        log ".venv-dvc2: installed in $((SECONDS - t0))s"
+    fi
+    v=$(.venv-dvc2/bin/dvc --version 2>/dev/null) || die ".venv-dvc2/bin/dvc does not run"
+    [ "$v" = "$DVC2_VERSION" ] || die ".venv-dvc2/bin/dvc is version $v, expected $DVC2_VERSION"
+}
+if [ "$want_test" = 1 ]; then
+    log ".venv-dvc2: setting up in the background ..."
+    dvc2_log=$(mktemp)
+    setup_dvc2 >"$dvc2_log" 2>&1 &
+    dvc2_pid=$!
 fi
 
 # .venv: regfs itself, editable, with the extras asked for
@@ -267,27 +311,10 @@ else
     log ".venv: installed in $((SECONDS - t0))s"
 fi
 
-# .venv-dvc2: legacy DVC 2 for the test fixtures
-if [ "$want_test" = 1 ]; then
-    make_venv .venv-dvc2
-    cons2=()
-    check_constraints constraints-dvc2.txt && cons2=(-c constraints-dvc2.txt)
-    stamp2=.venv-dvc2/.regfs-setup-dvc2
-    inputs2=(/dev/null)
-    [ -f constraints-dvc2.txt ] && inputs2+=(constraints-dvc2.txt)
-    value2=$(stamp_value "${DVC2_REQS[*]} $PYTHON" "${inputs2[@]}")
-    if up_to_date "$stamp2" "$value2" dvc; then
-        log ".venv-dvc2: ${DVC2_REQS[*]} already installed"
-    else
-        log ".venv-dvc2: pip install ${cons2[*]} ${DVC2_REQS[*]} ..."
-        t0=$SECONDS
-        pip_self_update .venv-dvc2 "${cons2[@]}"
-        pip_install .venv-dvc2 "${cons2[@]}" "${DVC2_REQS[@]}" || die "pip install into .venv-dvc2 failed (see above)"
-        printf '%s\n' "$value2" >"$stamp2"
-        log ".venv-dvc2: installed in $((SECONDS - t0))s"
-    fi
-    v=$(.venv-dvc2/bin/dvc --version 2>/dev/null) || die ".venv-dvc2/bin/dvc does not run"
-    [ "$v" = "$DVC2_VERSION" ] || die ".venv-dvc2/bin/dvc is version $v, expected $DVC2_VERSION"
+if [ -n "$dvc2_pid" ]; then
+    wait "$dvc2_pid" || { dvc2_pid=; cat "$dvc2_log" >&2; die ".venv-dvc2 setup failed (see above)"; }
+    dvc2_pid=
+    cat "$dvc2_log"
 fi
 
 if [ -n "$npm_pid" ]; then

@@ -22,6 +22,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.dvcfork import DvcForkServer
 from tests.trees import Snapshot, snapshot
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -114,11 +116,17 @@ def clean_env(home: Path, site_cache: Path) -> dict[str, str]:
 
 @dataclass
 class Tools:
-    """The git and dvc executables and the environment every command of the suite runs with."""
+    """The git and dvc executables and the environment every command of the suite runs with.
+
+    DVC commands run in the clean environment go through a fork server (tests/dvcfork.py) of
+    their `dvc` script's virtualenv, started on the first one and ended by `close`: the same
+    `dvc` entry point, without the second of CPU each new `dvc` process spends importing DVC."""
 
     workdir: Path
     env: dict[str, str] = field(init=False)
     dvc3: Path = field(init=False)
+    _dvc_servers: dict[str, DvcForkServer] = field(init=False, default_factory=dict)
+    _dvc_servers_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         home = self.workdir / "home"
@@ -148,15 +156,19 @@ class Tools:
         timeout: float = COMMAND_TIMEOUT,
     ) -> subprocess.CompletedProcess:
         argv = [os.fspath(arg) for arg in argv]
-        completed = subprocess.run(
-            argv,
-            cwd=cwd,
-            env=dict(env) if env is not None else self.env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
+        server = self._dvc_fork_server(argv[0]) if env is None or env == self.env else None
+        if server is not None:
+            completed = server.run(argv, cwd, timeout)
+        else:
+            completed = subprocess.run(
+                argv,
+                cwd=cwd,
+                env=dict(env) if env is not None else self.env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=timeout,
+                check=False,
+            )
         if check and completed.returncode != 0:
             raise CommandFailed(
                 f"command failed with exit {completed.returncode} in {cwd}: {' '.join(argv)}\n"
@@ -164,6 +176,21 @@ class Tools:
                 f"--- stderr\n{completed.stderr.decode(errors='replace')}"
             )
         return completed
+
+    def _dvc_fork_server(self, executable: str) -> DvcForkServer | None:
+        """The fork server for a `dvc` script of a virtualenv (run by the `python` beside it)."""
+        interpreter = Path(executable).with_name("python")
+        if Path(executable).name != "dvc" or not interpreter.exists():
+            return None
+        with self._dvc_servers_lock:
+            if executable not in self._dvc_servers:
+                workdir = self.workdir / f"dvc-fork-server-{len(self._dvc_servers)}"
+                self._dvc_servers[executable] = DvcForkServer(interpreter, workdir, self.env)
+            return self._dvc_servers[executable]
+
+    def close(self) -> None:
+        for server in self._dvc_servers.values():
+            server.close()
 
 
 @dataclass

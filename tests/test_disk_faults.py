@@ -20,6 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from regfs.cache import ObjectWriter
+from regfs.dvcmeta import HASH_MD5
+from regfs.errors import CacheError
+from regfs.hashing import StreamHasher
 from tests.registry import Registry, random_bytes
 from tests.trees import assert_same_tree, md5_hex, mentions_object, object_path, snapshot
 
@@ -157,3 +161,18 @@ def test_a_daemon_starts_on_a_full_cache_disk_and_serves_what_is_cached(registry
             assert_same_tree(snapshot(second / "main", skip=["huge.bin"]), expected, "on the full disk")
         finally:
             second.unmount()
+
+
+def test_a_write_that_fills_the_disk_fails_with_enospc_not_a_short_file(tmp_path):
+    """pwrite(2) on a filling disk writes what fits and fails (ENOSPC) only on the next call: the
+    cache's writer goes on to that failure instead of taking the short write for the whole (which
+    left the read above failing on a temporary file shorter than its writes, now and then)."""
+    with tmpfs(tmp_path / "small", "1m") as small:
+        fd = os.open(small / "object", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            writer = ObjectWriter(fd, str(small / "object"), StreamHasher(HASH_MD5), "an object")
+            writer.write_at(random_bytes(64, 600_000), 0)
+            with pytest.raises(CacheError, match="no space left on device while caching an object"):
+                writer.write_at(random_bytes(65, 1 << 20), 600_000)
+        finally:
+            os.close(fd)
