@@ -292,8 +292,8 @@ class ObjectCache:
                         yield CachedObject(ObjectRef(prefix + name, hash_name), info.st_size, info.st_mtime)
 
     def state_bytes(self) -> int:
-        """Bytes of regfs's own files besides downloads in progress: the indexes, the packed
-        manifests, the locks file, daemons' logs kept here (everything in `regfs/` but `tmp/`, and
+        """Bytes of regfs's own files besides downloads in progress: the indexes, the Git mirrors,
+        the packed manifests, the locks file, daemons' logs kept here (everything in `regfs/` but `tmp/`, and
         but the indexes' write-ahead logs, which come and go with the processes using them)."""
         total = 0
         for directory, dirnames, filenames in os.walk(self.state_dir):

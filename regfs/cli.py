@@ -357,7 +357,7 @@ def _cache_status(report: dict, as_json: bool) -> int:
     print(f"cache            {report['cache_dir']}")
     print(f"objects          {report['objects']}, {format_size(report['bytes'])} ({report['bytes']} bytes)")
     print(f"temporary files  {report['temporary_files']}, {format_size(report['temporary_bytes'])}")
-    print(f"regfs state      {format_size(report['state_bytes'])} (indexes, packed manifests, logs)")
+    print(f"regfs state      {format_size(report['state_bytes'])} (indexes, Git mirrors, packed manifests, logs)")
     for origin, entry in [*report["remotes"].items(), ("unknown origin", report["unknown_origin"])]:
         print(f"  {origin}: {entry['objects']} objects, {format_size(entry['bytes'])}")
     return 0
