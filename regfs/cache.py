@@ -348,15 +348,16 @@ class ObjectCache:
             logger.warning("cannot read the packed copy of manifest %s: %s", ref.object_id, _reason(exc))
             return None
 
-    def keep_packed_manifest(self, ref: ObjectRef, record: bytes) -> None:
-        """Keep a packed copy of a parsed manifest in `regfs/manifests/` (written whole, then
-        renamed into place); removed with the manifest's object."""
+    def keep_packed_manifest(self, ref: ObjectRef, parts: list) -> None:
+        """Keep a packed copy of a parsed manifest (`Manifest.packed_parts`) in `regfs/manifests/`
+        (written whole, then renamed into place); removed with the manifest's object."""
         tmp_path = None
         try:
             os.makedirs(self._packed_dir, exist_ok=True)
             fd, tmp_path = tempfile.mkstemp(dir=self._packed_dir, prefix=".", suffix=".tmp")
             with os.fdopen(fd, "wb") as file:
-                file.write(record)
+                for part in parts:
+                    file.write(part)
             os.chmod(tmp_path, 0o444)
             os.replace(tmp_path, self._packed_path(ref))
             tmp_path = None

@@ -148,7 +148,7 @@ class Fetcher:
                 manifest = parse_manifest(file, f"manifest {ref.object_id}")
             if len(manifest) >= PACKED_MIN_ENTRIES:
                 # Before any size is learned: the copy holds what the manifest's own bytes say.
-                self.cache.keep_packed_manifest(ref, manifest.packed_record(ref.relpath))
+                self.cache.keep_packed_manifest(ref, manifest.packed_parts(ref.relpath))
         with self._manifest_lock:
             if manifest.nbytes <= MANIFEST_MEMO_BYTES:
                 self._manifests[ref] = manifest

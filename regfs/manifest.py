@@ -189,16 +189,23 @@ class Manifest:
         the manifest, entry count, bytes of relpaths), the relpaths (each followed by a NUL), the
         digests, the sizes as little-endian int64 (-1: unknown), the exec bits, and a digest of
         all that. Loading it skips the JSON, which is most of the cost of a parse."""
-        sizes = self._sizes
+        return b"".join(self.packed_parts(identity))
+
+    def packed_parts(self, identity: str) -> list:
+        """`packed_record` in the pieces that make it up, in order, most of them the manifest's own
+        buffers: written one after the other, a million-entry record is never copied whole."""
+        sizes = memoryview(self._sizes).cast("B")
         if sys.byteorder == "big":
-            sizes = array("q", sizes)
-            sizes.byteswap()
-        record = bytearray(_PACKED_MAGIC + identity.encode("utf-8", "surrogateescape") + b"\0")
-        record += len(self).to_bytes(8, "little") + len(self._paths).to_bytes(8, "little")
-        for part in (self._paths, self._digests, sizes, self._exec_bits):
-            record += part
-        record += hashlib.blake2b(record, digest_size=_RECORD_DIGEST).digest()
-        return bytes(record)
+            swapped = array("q", self._sizes)
+            swapped.byteswap()
+            sizes = memoryview(swapped).cast("B")
+        parts = [_PACKED_MAGIC + identity.encode("utf-8", "surrogateescape") + b"\0"
+                 + len(self).to_bytes(8, "little") + len(self._paths).to_bytes(8, "little"),
+                 self._paths, self._digests, sizes, self._exec_bits]
+        digest = hashlib.blake2b(digest_size=_RECORD_DIGEST)
+        for part in parts:
+            digest.update(part)
+        return [*parts, digest.digest()]
 
     def children(self, prefix: bytes, low: int, high: int) -> Sequence[int]:
         """The first entry of each child of the directory `prefix` (entries low..high): a file's
