@@ -11,10 +11,11 @@ Invariants: an object becomes visible at its final path only by an atomic rename
 were verified against its id (a `--stream` reader reads the temporary file of a download in
 progress, through regfs/download.py, knowingly); one object is written by one process at a time (a
 lock on the object's own byte of `objects.lock`, see `locked`), so concurrent readers in any number
-of processes cause one download. An object is removed (evicted, or dropped as corrupt) only while its lock is held, so
-never while it is being downloaded, and never while this process holds it open (`hold`). Another
-process may have it open: unlink(2) removes the name only and its descriptor keeps reading the same
-bytes; a reader that found the path but had not opened it yet fetches the object again.
+of processes cause one download. An object is removed (evicted, or dropped as corrupt) only while
+its lock is held, so never while it is being downloaded, and never while this process holds it open
+(`hold`). Another process may have it open: unlink(2) removes the name only and its descriptor
+keeps reading the same bytes; a reader that found the path but had not opened it yet fetches the
+object again.
 """
 
 import contextlib
@@ -208,8 +209,7 @@ class ObjectCache:
         # After the rename: a full disk fails the indexes, not the read.
         info = os.stat(target)
         signature = (info.st_ino, info.st_size, info.st_mtime_ns)
-        with self._held_lock:
-            self._verified[ref.relpath] = signature
+        self._remember_verified(ref, signature)
         self.sizes.put_installed(ref, writer.size, signature)
         self.watcher.installed(writer.size)
 
@@ -258,9 +258,12 @@ class ObjectCache:
         return False
 
     def mark_verified(self, ref: ObjectRef, signature: tuple[int, int, int]) -> None:
+        self._remember_verified(ref, signature)
+        self.sizes.mark_verified(ref.relpath, signature)
+
+    def _remember_verified(self, ref: ObjectRef, signature: tuple[int, int, int]) -> None:
         with self._held_lock:
             self._verified[ref.relpath] = signature
-        self.sizes.mark_verified(ref.relpath, signature)
 
     def hold(self, ref: ObjectRef) -> None:
         """Keep `ref` from being removed by this process (it is open here) until `release`."""
@@ -293,8 +296,9 @@ class ObjectCache:
 
     def state_bytes(self) -> int:
         """Bytes of regfs's own files besides downloads in progress: the indexes, the Git mirrors,
-        the packed manifests, the locks file, daemons' logs kept here (everything in `regfs/` but `tmp/`, and
-        but the indexes' write-ahead logs, which come and go with the processes using them)."""
+        the packed manifests, the locks file, daemons' logs kept here. That is everything in
+        `regfs/` but `tmp/` and the indexes' write-ahead logs, which come and go with the processes
+        using them."""
         total = 0
         for directory, dirnames, filenames in os.walk(self.state_dir):
             if directory == self.state_dir and "tmp" in dirnames:

@@ -30,6 +30,8 @@ FLUSH_SECONDS = 2.0  # how long a use may wait in memory before it is written
 _POOL = 4  # idle connections kept open per database
 _BATCH = 500  # sqlite allows 999 parameters per statement in old builds
 _ERRORS = (sqlite3.Error, RegfsError)  # a database that cannot be opened, or a failed statement
+_PUT_SIZE = "INSERT OR REPLACE INTO sizes VALUES (?, ?)"
+_PUT_VERIFIED = "INSERT OR REPLACE INTO verified VALUES (?, ?, ?, ?)"
 
 
 class _SqliteIndex:
@@ -135,7 +137,7 @@ class SizeIndex(_SqliteIndex):
     def mark_verified(self, relpath: str, signature: tuple[int, int, int]) -> None:
         try:
             with self._connection() as connection:
-                connection.execute("INSERT OR REPLACE INTO verified VALUES (?, ?, ?, ?)", (relpath, *signature))
+                connection.execute(_PUT_VERIFIED, (relpath, *signature))
         except _ERRORS as exc:
             logger.warning("cannot record a verified object in %s: %s", self.path, exc)
 
@@ -143,8 +145,8 @@ class SizeIndex(_SqliteIndex):
         """A downloaded object's size and verified signature, in one transaction."""
         try:
             with self._connection() as connection:
-                connection.execute("INSERT OR REPLACE INTO sizes VALUES (?, ?)", (ref.relpath, size))
-                connection.execute("INSERT OR REPLACE INTO verified VALUES (?, ?, ?, ?)", (ref.relpath, *signature))
+                connection.execute(_PUT_SIZE, (ref.relpath, size))
+                connection.execute(_PUT_VERIFIED, (ref.relpath, *signature))
         except _ERRORS as exc:
             logger.warning("cannot record object sizes in %s: %s", self.path, exc)
 
@@ -165,7 +167,7 @@ class SizeIndex(_SqliteIndex):
             return
         try:
             with self._connection() as connection:
-                connection.executemany("INSERT OR REPLACE INTO sizes VALUES (?, ?)",
+                connection.executemany(_PUT_SIZE,
                                        [(ref.relpath, size) for ref, size in sizes.items()])
         except _ERRORS as exc:
             # The index only saves round trips: losing an entry costs a remote lookup, not data.

@@ -140,8 +140,9 @@ class Fetcher:
     def manifest(self, ref: ObjectRef, remote_of: Callable[[], Remote]) -> Manifest:
         with self._manifest_lock:
             manifest = self._manifests.get(ref)
-        if manifest is None:
-            manifest = self._packed_manifest(ref)
+        if manifest is not None:
+            return manifest
+        manifest = self._packed_manifest(ref)
         if manifest is None:
             fd = self.cache.open(ref, lambda: self.cache.find(ref) or self.fetch(ref, remote_of()))
             with os.fdopen(fd, "rb") as file:
