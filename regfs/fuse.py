@@ -105,6 +105,7 @@ class Operations(mfusepy.Operations):
         self._uid, self._gid = os.getuid(), os.getgid()
         self._stats = view.stats
         self._kernel = _KernelCache()
+        self._shape_tables: list[dict] = []  # stat structures for listings, one table per reply at a time
 
     def init_with_config(self, conn, config) -> None:
         if config is not None:
@@ -134,11 +135,20 @@ class Operations(mfusepy.Operations):
         """The entries from `offset` on: ".", "..", then the view's; an entry's offset is the next's."""
         start = max(offset, 2)
         rows, mtime = self._view.entries(path, start - 2)
-        add = _Entries(buf, filler, mtime if plus else None, self._stat)
-        for position, name in ((1, "."), (2, "..")):
-            if offset < position and add.name(name, "dir", position):
-                return
-        add.rows(rows, start + 1)
+        tables = self._shape_tables
+        try:  # list.pop and list.append are atomic: no two replies fill one table at once
+            shapes = tables.pop()
+        except IndexError:
+            shapes = {}
+        try:
+            add = _Entries(buf, filler, mtime if plus else None, self._stat, shapes)
+            for position, name in ((1, "."), (2, "..")):
+                if offset < position and add.name(name, "dir", position):
+                    return
+            add.rows(rows, start + 1)
+        finally:
+            if len(shapes) < 64:  # a few per mtime; a table grown past that is dropped
+                tables.append(shapes)
 
     @_translated
     def readlink(self, path: str) -> str:
@@ -201,39 +211,38 @@ class Operations(mfusepy.Operations):
         mtime_ns = attr.mtime * 1_000_000_000
         return {"st_mode": mode, "st_nlink": nlink, "st_size": attr.size, "st_uid": self._uid,
                 "st_gid": self._gid, "st_mtime": mtime_ns, "st_ctime": mtime_ns, "st_atime": mtime_ns,
-                "st_blocks": _blocks(attr.size)}
-
-
-def _blocks(size: int) -> int:
-    return (size + 511) // 512
+                "st_blocks": (attr.size + 511) >> 9}
 
 
 class _Entries:
     """One readdir reply being filled through libfuse's filler; each method says when it is full.
 
     Attributes go to the kernel only when it asked for them (READDIRPLUS) and the view gave them
-    (an mtime, a row's size); otherwise only the type (ino 0 then tells the kernel to look the
-    name up). The stat structures are reused: one per type, and one per kind and exec bit of the
-    entries that have attributes (the entries of one directory share their mtime), only the size
-    changing. A listing of 100k entries makes 100k filler calls: the loop stays lean.
+    (an mtime, the size of a non-empty file or a directory's row); otherwise only the type (ino 0
+    then tells the kernel to look the name up). The stat structures are reused: one per type, and
+    one per mtime, kind and exec bit of the entries that have attributes (`shapes`: a table kept
+    across replies, but used by one reply at a time, since a filler call reads the structure whose
+    size the loop just set). A listing of 100k entries makes 100k filler calls: the loop stays lean.
     """
 
-    def __init__(self, buf, filler, mtime: int | None, stat_of: Callable[[Attr], dict]):
+    def __init__(self, buf, filler, mtime: int | None, stat_of: Callable[[Attr], dict],
+                 shapes: dict[tuple[int, str, bool], mfusepy.c_stat]):
         self._buf, self._filler, self._mtime, self._stat_of = buf, filler, mtime, stat_of
         self._types: dict[str, mfusepy.c_stat] = {}
-        self._shapes: dict[tuple[str, bool], mfusepy.c_stat] = {}
+        self._shapes = shapes
 
     def name(self, name: str, kind: str, offset: int) -> bool:
         return self._filler(self._buf, name.encode("utf-8", "surrogateescape"), self._type(kind), offset, 0) != 0
 
     def rows(self, rows: Iterator[Row], offset: int) -> bool:
-        """The rows (name, kind, size or None, exec bit), the first at `offset`."""
-        buf, filler, shapes, with_attrs = self._buf, self._filler, self._shapes, self._mtime is not None
+        """The rows (name, kind, size or None, exec bit), the first at `offset`. An empty file's
+        attributes are left to a lookup, as an unknown size's (see `MountView.entries`)."""
+        buf, filler, shapes, mtime = self._buf, self._filler, self._shapes, self._mtime
         for name, kind, size, is_exec in rows:
-            if with_attrs and size is not None:
-                status = shapes.get((kind, is_exec)) or self._shape(kind, is_exec)
+            if mtime is not None and size is not None and (size or kind == "dir"):
+                status = shapes.get((mtime, kind, is_exec)) or self._shape(kind, is_exec)
                 status.st_size = size
-                status.st_blocks = _blocks(size)
+                status.st_blocks = (size + 511) >> 9
                 flags = _FILL_DIR_PLUS
             else:
                 status, flags = self._type(kind), 0
@@ -249,7 +258,7 @@ class _Entries:
         return status
 
     def _shape(self, kind: str, is_exec: bool) -> mfusepy.c_stat:
-        status = self._shapes[kind, is_exec] = mfusepy.c_stat()
+        status = self._shapes[self._mtime, kind, is_exec] = mfusepy.c_stat()
         mfusepy.set_st_attrs(status, self._stat_of(Attr(kind, 0, is_exec, self._mtime)), use_ns=True)
         return status
 
@@ -257,7 +266,19 @@ class _Entries:
 class _Fuse(mfusepy.FUSE):
     """mfusepy's FUSE with a read into libfuse's buffer, and a readdir that works by offset and can
     give attributes (see the module docstring): libfuse calls it once per kernel request, with the
-    offset to resume at."""
+    offset to resume at.
+
+    Every callback comes from one of libfuse's threads, which Python does not know: ctypes makes a
+    Python thread state for the call and destroys it after (with its frame stack, an mmap and a
+    munmap each time). The first callback on a thread takes one more hold on its state
+    (PyGILState_Ensure), so the state lives as long as the thread, for every later request.
+    """
+
+    def _wrapper(self, func, *args, **kwargs):
+        if not getattr(_thread_state, "kept", False):
+            ctypes.pythonapi.PyGILState_Ensure()  # never released: see the class docstring
+            _thread_state.kept = True
+        return super()._wrapper(func, *args, **kwargs)
 
     def read(self, path: bytes | None, buf, size: int, offset: int, fip) -> int:
         """mfusepy's read has the operation return bytes, then copies them into `buf`: here the
@@ -275,6 +296,9 @@ class _Fuse(mfusepy.FUSE):
         decoded = None if path is None else path.decode(self.encoding, self.errors)
         self.operations.readdir(decoded, offset, buf, filler, bool(flags & _READDIR_PLUS))
         return 0
+
+
+_thread_state = threading.local()  # what lives in it lives as long as its thread's state
 
 
 class _KernelCache:

@@ -221,16 +221,12 @@ class MountView:
         changes, as rows (name, kind, size, exec bit), and the mtime of their attributes. A listing
         gives attributes only where they are known without I/O and below a commit (immutable): the
         mtime is None above the commits (the ref symlinks change), and a row's size is None if not
-        known yet (a lookup asks the remote, or Git) or for an empty file (a lookup caches it, see
-        `attr`), which leaves them to a lookup."""
+        known yet (a lookup asks the remote, or Git). A listing leaves an empty file (size 0) to a
+        lookup too, which caches it (see `attr`)."""
         node, mtime, commit_sha = self.locate(path)
         if not isinstance(node, DirNode):
             raise NotADirectory(f"not a directory: {path}")
-        rows = node.listing(start)
-        if commit_sha is None:
-            return rows, None
-        return ((name, kind, None if size == 0 and kind == "file" else size, is_exec)
-                for name, kind, size, is_exec in rows), mtime
+        return node.listing(start), None if commit_sha is None else mtime
 
     def readlink(self, path: str) -> str:
         node, _ = self.resolve(path)

@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -517,3 +519,36 @@ def test_object_locks_exclude_threads_and_spare_other_objects(tmp_path):
     with cache.locked(ref, wait=False) as locked:
         assert locked
 
+
+
+def test_concurrent_readdir_replies_never_share_a_stat_structure():
+    """The listing loop reuses stat structures, setting each entry's size before the filler call
+    that reads it. Replies filled at once (libfuse threads; the filler runs without the GIL) must
+    each have their own: here the filler yields to the other threads before it reads the size,
+    as a C filler copying the structure at that moment would see another thread's write."""
+    from regfs.fuse import Operations
+
+    rows = [(f"f{index:03d}", "file", 1000 + index, False) for index in range(300)]
+
+    class View:
+        stats = None
+
+        def entries(self, path, start):
+            return iter(rows[start:]), 1_700_000_000
+
+    operations = Operations(View())
+    wrong: list[tuple] = []
+
+    def list_once(_):
+        def filler(buf, name, status, offset, flags):
+            time.sleep(0)  # other threads run here
+            if flags and status.st_size != 1000 + int(name[1:]):
+                wrong.append((name, status.st_size))
+            return 0
+
+        for _ in range(3):
+            operations.readdir("/list", 0, None, filler, True)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(list_once, range(8)))
+    assert not wrong, wrong[:5]
