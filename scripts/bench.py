@@ -1282,6 +1282,11 @@ def measure_all(args, tools: Tools) -> dict:
         log(f"building the registry in {tools.work}")
         registry = build_registry(tools, sizes, args.workloads, servers)
         log(f"registry built in {time.monotonic() - started:.0f}s")
+        # The build writes gigabytes and a million small files: flushed now, so that the kernel's
+        # writeback of them does not slow the first figures (ls-100k took 1.6 s instead of 0.9).
+        flushing = time.monotonic()
+        os.sync()
+        log(f"flushed to disk in {time.monotonic() - flushing:.0f}s")
         bench = Bench(tools, registry, sizes, args.repeat, args.budget, PageCache())
         report["page_cache_drop"] = bench.page_cache.method
         run(bench, args, unavailable)
