@@ -9,8 +9,10 @@ eviction and `regfs cache status`. Rows are keyed by the object's path below the
 
 Both are hints, never the truth about the cache: an object may be on disk without a row (DVC
 wrote it) or have a row and be gone (evicted, `dvc gc`). A broken index degrades (a logged
-warning, a remote lookup, an mtime instead of a last use), it never fails a read. Uses are kept
-in memory and written by one background thread every few seconds, so reads never wait on sqlite.
+warning, a remote lookup, an mtime instead of a last use), it never fails a read. Uses, origins
+and what a download of a small object records are kept in memory (where this process reads them
+too) and written by one background thread every few seconds, many in one transaction: reads and
+downloads never wait on sqlite.
 """
 
 import atexit
@@ -20,7 +22,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from regfs.errors import RegfsError
 
@@ -34,18 +36,46 @@ _PUT_SIZE = "INSERT OR REPLACE INTO sizes VALUES (?, ?)"
 _PUT_VERIFIED = "INSERT OR REPLACE INTO verified VALUES (?, ?, ?, ?)"
 
 
+WRITE_AT_ONCE = 1 << 20  # a download of this many bytes or more records its object at once
+
+
+class _Flusher:
+    """Calls `flush` every FLUSH_SECONDS from a thread of this process (started by the first
+    `start`, again in a forked child), and at exit."""
+
+    def __init__(self, flush: Callable[[], None]):
+        self._flush = flush
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+        atexit.register(flush)
+
+    def start(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(target=self._loop, daemon=True, name="regfs-index").start()
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(FLUSH_SECONDS)
+            self._flush()
+
+
 class _SqliteIndex:
     """One sqlite database, used through a small pool of connections.
 
-    Not one connection per thread: libfuse's threads reach Python through ctypes callbacks, each
-    with a fresh thread state, so a thread-local connection would be opened per callback and
-    never closed (file descriptors pile up). A connection serves one thread at a time.
+    Not one connection per thread: threads come and go (downloads' part threads, the CLI's
+    pools), and a thread-local connection would stay open after its thread ended until the
+    garbage collector found it. A connection serves one thread at a time.
     """
 
     def __init__(self, path: str, schema: tuple[str, ...]):
         self.path, self._schema = path, schema
         self._idle: list[sqlite3.Connection] = []
         self._pool_lock = threading.Lock()
+        self._write_lock = threading.Lock()
         try:
             with self._connection():
                 pass
@@ -70,6 +100,15 @@ class _SqliteIndex:
                 self._idle.append(connection)
                 return
         connection.close()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """A transaction that writes: one at a time in this process. sqlite lets one writer in
+        at a time and makes the others sleep on its lock (1 ms, then 2, 5, 10... whatever the
+        wait); this lock hands the database to the next thread as soon as a commit is done, and
+        leaves sqlite's sleeps to writers of other processes."""
+        with self._write_lock, self._connection() as connection:
+            yield connection
 
     def _open(self) -> sqlite3.Connection:
         """A new connection, the tables made; retried on each use after a failure, since a full
@@ -101,7 +140,7 @@ class _SqliteIndex:
         return rows
 
     def _delete(self, tables: tuple[str, ...], keys: list[str]) -> None:
-        with self._connection() as connection:
+        with self._writing() as connection:
             for start in range(0, len(keys), _BATCH):
                 batch = keys[start:start + _BATCH]
                 marks = ",".join("?" * len(batch))
@@ -123,8 +162,17 @@ class SizeIndex(_SqliteIndex):
             "CREATE TABLE IF NOT EXISTS verified (object TEXT PRIMARY KEY, inode INTEGER, size INTEGER, mtime_ns INTEGER)",
             "CREATE TABLE IF NOT EXISTS manifest_sizes (manifest TEXT PRIMARY KEY, record BLOB)",
         ))
+        # Downloads recorded but not written yet: relpath -> (size, signature). They stay here
+        # until written, so that this process finds them all along.
+        self._unwritten: dict[str, tuple[int, tuple[int, int, int]]] = {}
+        self._unwritten_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._flusher = _Flusher(self.flush)
 
     def verified(self, relpath: str) -> tuple[int, int, int] | None:
+        unwritten = self._unwritten.get(relpath)
+        if unwritten is not None:
+            return unwritten[1]
         try:
             with self._connection() as connection:
                 row = connection.execute("SELECT inode, size, mtime_ns FROM verified WHERE object = ?",
@@ -135,29 +183,65 @@ class SizeIndex(_SqliteIndex):
         return tuple(row) if row else None
 
     def mark_verified(self, relpath: str, signature: tuple[int, int, int]) -> None:
+        with self._unwritten_lock:
+            unwritten = self._unwritten.get(relpath)
+            if unwritten is not None:  # the flusher writes the new signature, not the one it had
+                self._unwritten[relpath] = (unwritten[0], signature)
+                return
         try:
-            with self._connection() as connection:
+            with self._writing() as connection:
                 connection.execute(_PUT_VERIFIED, (relpath, *signature))
         except _ERRORS as exc:
             logger.warning("cannot record a verified object in %s: %s", self.path, exc)
 
     def put_installed(self, ref, size: int, signature: tuple[int, int, int]) -> None:
-        """A downloaded object's size and verified signature, in one transaction."""
-        try:
-            with self._connection() as connection:
-                connection.execute(_PUT_SIZE, (ref.relpath, size))
-                connection.execute(_PUT_VERIFIED, (ref.relpath, *signature))
-        except _ERRORS as exc:
-            logger.warning("cannot record object sizes in %s: %s", self.path, exc)
+        """A downloaded object's size and verified signature. A small object's wait in memory for
+        the flusher, which writes those of many downloads in one transaction (downloads running
+        at once queued for the database, one transaction each: a third of their time). A large
+        object's are written at once: another process opening it before the flush would hash it
+        again, and its download took far longer than a transaction."""
+        with self._unwritten_lock:
+            self._unwritten[ref.relpath] = (size, signature)
+        if size >= WRITE_AT_ONCE:
+            self.flush()
+        else:
+            self._flusher.start()
+
+    def flush(self) -> None:
+        """Write what downloads recorded; it stays readable in memory until committed."""
+        with self._flush_lock:
+            with self._unwritten_lock:
+                batch = dict(self._unwritten)
+            if not batch:
+                return
+            try:
+                with self._writing() as connection:
+                    connection.executemany(_PUT_SIZE, [(relpath, size) for relpath, (size, _) in batch.items()])
+                    connection.executemany(_PUT_VERIFIED, [(relpath, *signature)
+                                                           for relpath, (_, signature) in batch.items()])
+            except _ERRORS as exc:
+                logger.warning("cannot record object sizes in %s: %s", self.path, exc)
+            with self._unwritten_lock:  # written, or given up (a hint only): not kept
+                for relpath, record in batch.items():
+                    if self._unwritten.get(relpath) == record:
+                        del self._unwritten[relpath]
 
     def get_many(self, refs: list) -> dict:
         by_key = {ref.relpath: ref for ref in refs}
+        found = {}
+        if self._unwritten:
+            with self._unwritten_lock:
+                for key in [key for key in by_key if key in self._unwritten]:
+                    found[by_key.pop(key)] = self._unwritten[key][0]
+        if not by_key:
+            return found
         try:
             rows = self._select("SELECT object, size FROM sizes WHERE object IN ({marks})", list(by_key))
         except _ERRORS as exc:  # a lost index costs remote lookups, never data
             logger.warning("cannot read object sizes from %s: %s", self.path, exc)
-            return {}
-        return {by_key[key]: size for key, size in rows}
+            return found
+        found.update((by_key[key], size) for key, size in rows)
+        return found
 
     def put(self, ref, size: int) -> None:
         self.put_many({ref: size})
@@ -166,7 +250,7 @@ class SizeIndex(_SqliteIndex):
         if not sizes:
             return
         try:
-            with self._connection() as connection:
+            with self._writing() as connection:
                 connection.executemany(_PUT_SIZE,
                                        [(ref.relpath, size) for ref, size in sizes.items()])
         except _ERRORS as exc:
@@ -186,7 +270,7 @@ class SizeIndex(_SqliteIndex):
 
     def put_manifest_sizes(self, relpath: str, record: bytes) -> None:
         try:
-            with self._connection() as connection:
+            with self._writing() as connection:
                 connection.execute("INSERT OR REPLACE INTO manifest_sizes VALUES (?, ?)", (relpath, record))
         except _ERRORS as exc:
             logger.warning("cannot record manifest sizes in %s: %s", self.path, exc)
@@ -194,9 +278,12 @@ class SizeIndex(_SqliteIndex):
     def forget(self, relpaths: list[str]) -> None:
         """Drop sizes that may have been learned from a corrupt cached copy, with every manifest's
         record (any of them may hold such a size; each is rebuilt from the index on its next use)."""
+        with self._unwritten_lock:
+            for relpath in relpaths:
+                self._unwritten.pop(relpath, None)
         try:
             self._delete(("sizes", "verified"), relpaths)
-            with self._connection() as connection:
+            with self._writing() as connection:
                 connection.execute("DELETE FROM manifest_sizes")
         except _ERRORS as exc:
             logger.warning("cannot remove object sizes from %s: %s", self.path, exc)
@@ -209,49 +296,40 @@ class UsageIndex(_SqliteIndex):
         super().__init__(path, ("CREATE TABLE IF NOT EXISTS last_use (object TEXT PRIMARY KEY, used REAL)",
                                 "CREATE TABLE IF NOT EXISTS origin (object TEXT PRIMARY KEY, remote TEXT)"))
         self._pending: dict[str, float] = {}
+        self._origins: dict[str, str] = {}  # origins not written yet, as uses
         self._lock = threading.Lock()
-        self._flusher_pid: int | None = None  # a forked child starts its own flusher
-        self._owner_pid = os.getpid()
-        atexit.register(self._flush_at_exit)
+        self._flusher = _Flusher(self.flush)
 
     def touch(self, relpath: str) -> None:
         """Record a use now; written within FLUSH_SECONDS by this process's flusher thread."""
         with self._lock:
             self._pending[relpath] = time.time()
-            if self._flusher_pid != os.getpid():
-                self._flusher_pid = os.getpid()
-                threading.Thread(target=self._flush_loop, daemon=True, name="regfs-usage").start()
+        self._flusher.start()
 
-    def _flush_loop(self) -> None:
-        while True:
-            time.sleep(FLUSH_SECONDS)
-            self.flush()
-
-    def _flush_at_exit(self) -> None:
-        if os.getpid() == self._owner_pid:  # not in a forked child: its parent owns these uses
-            self.flush()
+    def set_origin(self, relpath: str, remote: str) -> None:
+        """Record where an object came from; written as uses are (one transaction for many
+        downloads, not one each)."""
+        with self._lock:
+            self._origins[relpath] = remote
+        self._flusher.start()
 
     def flush(self) -> None:
-        """Write the uses kept in memory (the evictor calls this before it orders objects)."""
+        """Write the uses and origins kept in memory (the evictor calls this before it orders
+        objects)."""
         with self._lock:
             pending, self._pending = self._pending, {}
-        if not pending:
+            origins, self._origins = self._origins, {}
+        if not pending and not origins:
             return
         try:
-            with self._connection() as connection:
+            with self._writing() as connection:
                 # A use never moves back in time, whichever process writes last.
                 connection.executemany(
                     "INSERT INTO last_use VALUES (?, ?) ON CONFLICT(object) "
                     "DO UPDATE SET used = max(used, excluded.used)", list(pending.items()))
+                connection.executemany("INSERT OR REPLACE INTO origin VALUES (?, ?)", list(origins.items()))
         except _ERRORS as exc:  # eviction falls back on mtimes: a worse order, no lost data
-            logger.warning("cannot record object uses in %s: %s", self.path, exc)
-
-    def set_origin(self, relpath: str, remote: str) -> None:
-        try:
-            with self._connection() as connection:
-                connection.execute("INSERT OR REPLACE INTO origin VALUES (?, ?)", (relpath, remote))
-        except _ERRORS as exc:
-            logger.warning("cannot record the origin of %s in %s: %s", relpath, self.path, exc)
+            logger.warning("cannot record object uses and origins in %s: %s", self.path, exc)
 
     def last_uses(self) -> dict[str, float]:
         return self._table("SELECT object, used FROM last_use")

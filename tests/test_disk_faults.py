@@ -126,6 +126,10 @@ def test_a_full_cache_disk_fails_the_read_cleanly_and_recovers_when_space_is_fre
             fill(cache, leave_pages=1)
             assert (mounted / "note.txt").read_bytes() == expected["note.txt"][2]
             assert md5_hex(object_path(cache, note_id).read_bytes()) == note_id
+            # The index is written in the background, within a few seconds.
+            deadline = time.monotonic() + 30
+            while "cannot record object sizes" not in mounted.log_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
             assert "cannot record object sizes" in mounted.log_text(), \
                 f"the size index did not fail on the full disk:\n{mounted.log_tail()}"
             assert_same_tree(snapshot(mounted.path, skip=["huge.bin"]),

@@ -552,3 +552,50 @@ def test_concurrent_readdir_replies_never_share_a_stat_structure():
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(list_once, range(8)))
     assert not wrong, wrong[:5]
+
+
+def test_writers_of_one_process_never_wait_on_sqlite(tmp_path, monkeypatch, caplog):
+    """Threads recording downloads at once take turns in Python: none meets sqlite's write lock
+    (which makes a second writer sleep 1 ms and more). With sqlite told to wait for nothing, a
+    writer that met the lock would fail, and the index would log a warning."""
+    from regfs import cacheindex
+    from regfs.cache import ObjectRef
+
+    connect = cacheindex.sqlite3.connect
+    monkeypatch.setattr(cacheindex.sqlite3, "connect",
+                        lambda path, timeout, **kwargs: connect(path, timeout=0, **kwargs))
+    sizes = cacheindex.SizeIndex(str(tmp_path / "sizes.sqlite"))
+    usage = cacheindex.UsageIndex(str(tmp_path / "usage.sqlite"))
+    refs = [ObjectRef(f"{index:032x}", "md5") for index in range(160)]
+
+    def record(start: int) -> None:
+        for ref in refs[start::8]:
+            sizes.put_installed(ref, 1000 + start, (1, 2, 3))
+            usage.set_origin(ref.relpath, f"remote {start}")
+            usage.flush()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(record, range(8)))
+    assert not [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(sizes.get_many(refs)) == len(refs)
+    assert len(usage.origins()) == len(refs)
+
+
+def test_a_small_download_is_recorded_in_memory_until_the_flush(tmp_path):
+    """What a download records is found at once by its own process; by others (another index on
+    the same file) once flushed, at once for a large object (which they would hash again)."""
+    from regfs.cache import ObjectRef
+    from regfs.cacheindex import WRITE_AT_ONCE, SizeIndex
+
+    mine, other = (SizeIndex(str(tmp_path / "sizes.sqlite")) for _ in range(2))
+    small, large = ObjectRef("a" * 32, "md5"), ObjectRef("b" * 32, "md5")
+    mine.put_installed(small, 10, (1, 2, 3))
+    assert (mine.get_many([small, large]), mine.verified(small.relpath)) == ({small: 10}, (1, 2, 3))
+    assert (other.get_many([small]), other.verified(small.relpath)) == ({}, None)
+    mine.mark_verified(small.relpath, (4, 5, 6))  # found again intact, with a new signature
+    mine.put_installed(large, WRITE_AT_ONCE, (7, 8, 9))
+    assert (other.get_many([large]), other.verified(large.relpath)) == ({large: WRITE_AT_ONCE}, (7, 8, 9))
+    mine.flush()
+    assert (other.get_many([small]), other.verified(small.relpath)) == ({small: 10}, (4, 5, 6))
+    mine.forget([small.relpath])
+    assert (mine.get_many([small]), mine.verified(small.relpath)) == ({}, None)
