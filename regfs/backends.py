@@ -200,11 +200,13 @@ class LocalBackend(FsspecBackend):
     """A local directory: ranges are read from the file in pieces, as they would arrive."""
 
     def stream(self, path: str, start: int, end: int) -> Iterator[bytes]:
-        with open(path, "rb") as file:
-            file.seek(start)
-            while start < end and (piece := file.read(min(PIECE, end - start))):
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # no buffered file: three syscalls fewer
+        try:
+            while start < end and (piece := os.pread(fd, min(PIECE, end - start), start)):
                 start += len(piece)
                 yield piece
+        finally:
+            os.close(fd)
 
 
 _IDENTITY = {"Accept-Encoding": "identity"}  # sizes and ranges of the stored bytes, not of a gzip

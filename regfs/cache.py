@@ -89,6 +89,15 @@ class ObjectWriter:
         except OSError as exc:
             raise CacheError(f"{_reason(exc)} while caching {self._what}") from exc
 
+    def append(self, data: bytes, offset: int) -> None:
+        """Write bytes that start where the hash stands, hashing them on the way (no read back).
+        Only for the thread that hashes (`hash_through`), when it also writes."""
+        if offset != self.size:
+            raise ValueError(f"appending at {offset}, but the hash stands at {self.size}")
+        self.write_at(data, offset)
+        self._hasher.update(data)
+        self.size += len(data)
+
     def hash_through(self, end: int) -> None:
         """Hash the bytes written from where the hash stands up to `end` (they are read back from
         the page cache: memory stays bounded whatever the object's size)."""
@@ -170,12 +179,12 @@ class ObjectCache:
             return None
 
     def install(self, ref: ObjectRef, fill: Callable[[ObjectWriter], None]) -> str:
-        """The object's cache path, calling `fill` to download it unless another process did."""
+        """The object's cache path, calling `fill` to download it unless another process did
+        (callers looked for it first: it is looked for again under its lock only)."""
         target = self.path(ref)
-        if not os.path.isfile(target):
-            with self.locked(ref):
-                if not os.path.isfile(target):
-                    self._download(ref, fill, target)
+        with self.locked(ref):
+            if not os.path.isfile(target):
+                self._download(ref, fill, target)
         self.usage.touch(ref.relpath)
         return target
 
@@ -199,6 +208,7 @@ class ObjectCache:
             except FileNotFoundError:  # the first object of its prefix directory
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 os.replace(tmp_path, target)
+            tmp_path = None  # nothing left to remove
         except OSError as exc:  # our own writes: the remote module turns its errors into RemoteError
             raise CacheError(f"{_reason(exc)} while caching object {ref.object_id} into "
                              f"{self.directory}") from exc

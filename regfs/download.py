@@ -71,8 +71,8 @@ class Download:
             self._parts = [_Part(start, min(start + PART, size)) for start in range(0, size, PART)]
             self._pending = list(range(len(self._parts))) if len(self._parts) > 1 else []
             self._changed.notify_all()
-        if len(self._parts) == 1:
-            self._fetch(self._parts[0], writer, remote, writer.fd)
+        if len(self._parts) == 1:  # this thread writes it all, in order: hashed as it comes
+            self._fetch(self._parts[0], writer, remote, writer.fd, hashing=True)
         for number in range(min(WINDOW, len(self._pending))):
             threading.Thread(target=self._work, args=(writer, remote, os.dup(writer.fd)), daemon=True,
                              name="regfs-part").start()
@@ -123,11 +123,14 @@ class Download:
             self._pending.remove(index)
             return self._parts[index]
 
-    def _fetch(self, part: _Part, writer: ObjectWriter, remote: Remote, fd: int) -> None:
+    def _fetch(self, part: _Part, writer: ObjectWriter, remote: Remote, fd: int, hashing: bool = False) -> None:
         def write(offset: int, piece: bytes) -> None:
             if self._stop is not None:
                 raise _Stopped()
-            writer.write_at(piece, offset, fd)
+            if hashing:
+                writer.append(piece, offset)
+            else:
+                writer.write_at(piece, offset, fd)
             with self._changed:
                 part.delivered = offset + len(piece) - part.start
                 self._changed.notify_all()
