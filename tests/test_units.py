@@ -4,6 +4,7 @@ These take literals (style.md: pure parsers are tested with plain data); the end
 compare whole mounts with what the real DVC produces.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from regfs.address import parse_address
 from regfs.backends import _environment_has_http_settings
 from regfs.dvcconfig import Config, parse_config, parse_override
 from regfs.dvcmeta import HASH_LEGACY, HASH_MD5, parse_dvc_file, parse_pipeline
-from regfs.errors import ConfigError, MetafileError
+from regfs.errors import ConfigError, MetafileError, RemoteError
 from regfs.git import _server_timeout_ms
 from regfs.hashing import CHUNK, StreamHasher, is_text
 from regfs.manifest import DirEntry, parse_manifest
@@ -599,3 +600,40 @@ def test_a_small_download_is_recorded_in_memory_until_the_flush(tmp_path):
     assert (other.get_many([small]), other.verified(small.relpath)) == ({small: 10}, (4, 5, 6))
     mine.forget([small.relpath])
     assert (mine.get_many([small]), mine.verified(small.relpath)) == ({}, None)
+
+
+def test_sizes_asked_one_by_one_stop_at_the_first_refusal():
+    """`Remote.sizes` asks objects one by one in batches, on a few threads: every size that exists
+    comes back, a missing object is left out, and once one request is refused (not retried) the
+    batches still running stop, instead of asking for the rest of thousands of objects."""
+    from regfs import backends
+    from regfs.dvcconfig import RemoteSpec
+    from regfs.remotes import Remote, RequestSlots, RetryPolicy
+
+    class Sizes(backends.Backend):
+        def __init__(self, refuse: str | None, delay: float):
+            self.asked: list[str] = []
+            self._refuse, self._delay = refuse, delay
+
+        def size(self, path):
+            self.asked.append(path)
+            name = path.rsplit("/", 1)[-1]
+            if name == self._refuse:
+                raise PermissionError(errno.EACCES, "forbidden")
+            time.sleep(self._delay)
+            return None if name.endswith("7") else int(name, 16)
+
+    relpaths = [f"{index % 256:02x}/{index:030x}" for index in range(2000)]  # no prefix dir of 8
+    backend = Sizes(refuse=None, delay=0.001)
+    remote = Remote(RemoteSpec("store", "/srv/store"), backend, "/srv/store", RetryPolicy(), RequestSlots())
+    assert remote.sizes(relpaths) == {relpath: int(relpath[3:], 16) for relpath in relpaths
+                                      if not relpath.endswith("7")}
+    assert sorted(backend.asked) == sorted(f"/srv/store/{relpath}" for relpath in relpaths)
+
+    backend = Sizes(refuse=relpaths[0][3:], delay=0.005)  # the first of the first batch
+    remote = Remote(RemoteSpec("store", "/srv/store"), backend, "/srv/store", RetryPolicy(), RequestSlots())
+    with pytest.raises(RemoteError, match="forbidden"):
+        remote.sizes(relpaths)
+    time.sleep(0.5)  # what was running when the failure came has ended
+    # Without the stop, 8 threads would finish their batches of 63: 504 requests at least.
+    assert len(backend.asked) < 250, len(backend.asked)
