@@ -637,3 +637,29 @@ def test_sizes_asked_one_by_one_stop_at_the_first_refusal():
     time.sleep(0.5)  # what was running when the failure came has ended
     # Without the stop, 8 threads would finish their batches of 63: 504 requests at least.
     assert len(backend.asked) < 250, len(backend.asked)
+
+
+def test_getattr_into_writes_what_getattr_answers():
+    """libfuse's stat structure filled from a kept copy per kind, exec bit and mtime, then the
+    size: field for field what mfusepy makes of `getattr`'s dict, whatever came before it."""
+    import mfusepy
+
+    from regfs.fuse import Operations
+    from regfs.namespace import Attr
+
+    attrs = {"/a": Attr("file", 5000, False, 1_700_000_000), "/b": Attr("file", 0, True, 1_700_000_000),
+             "/c": Attr("dir", 0, False, 1_700_000_000), "/d": Attr("link", 12, False, 1_600_000_000),
+             "/e": Attr("file", 7, False, 1_600_000_000), "/f": Attr("file", 1 << 40, False, 1_700_000_000)}
+
+    class View:
+        stats = None
+
+        def attr(self, path):
+            return attrs[path]
+
+    operations = Operations(View())
+    for path in [*attrs, *reversed(attrs)]:
+        expected, actual = mfusepy.c_stat(), mfusepy.c_stat()
+        mfusepy.set_st_attrs(expected, operations.getattr(path), use_ns=True)
+        operations.getattr_into(path, actual)
+        assert bytes(actual) == bytes(expected), path
