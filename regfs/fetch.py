@@ -49,11 +49,9 @@ class Fetcher:
         self._lock = threading.Lock()
 
     def fetch(self, ref: ObjectRef, remote: Remote, size: int | None = None, ahead: bool = False) -> str:
-        """The object's cache path, downloaded now (or by whoever is downloading it already);
+        """The cache path of an object its caller did not find in the cache, downloaded now (or by
+        whoever is downloading it already; one cached meanwhile is found under its lock);
         `ahead`: for read-ahead, not for a read (counted apart)."""
-        path = self.cache.find(ref)
-        if path is not None:
-            return path
         if size is None:
             size = self.cache.sizes.get_many([ref]).get(ref)
         download, started = self._download(ref, size)
