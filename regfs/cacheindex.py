@@ -41,13 +41,20 @@ WRITE_AT_ONCE = 1 << 20  # a download of this many bytes or more records its obj
 
 class _Flusher:
     """Calls `flush` every FLUSH_SECONDS from a thread of this process (started by the first
-    `start`, again in a forked child), and at exit."""
+    `start`, again in a forked child), and at the exit of the process that made it: not at a
+    forked child's, which has a copy of what its parent holds (and of its sqlite connections,
+    which sqlite forbids using after a fork)."""
 
     def __init__(self, flush: Callable[[], None]):
         self._flush = flush
         self._pid: int | None = None
+        self._owner = os.getpid()
         self._lock = threading.Lock()
-        atexit.register(flush)
+        atexit.register(self._at_exit)
+
+    def _at_exit(self) -> None:
+        if os.getpid() == self._owner:
+            self._flush()
 
     def start(self) -> None:
         if self._pid == os.getpid():

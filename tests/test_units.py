@@ -663,3 +663,25 @@ def test_getattr_into_writes_what_getattr_answers():
         mfusepy.set_st_attrs(expected, operations.getattr(path), use_ns=True)
         operations.getattr_into(path, actual)
         assert bytes(actual) == bytes(expected), path
+
+
+def test_a_forked_child_does_not_flush_its_parents_records_at_exit(tmp_path):
+    """A forked child's copy of an index holds its parent's unwritten records (and sqlite
+    connections it must not use): its exit handler writes nothing; the parent's writes them."""
+    from regfs.cache import ObjectRef
+    from regfs.cacheindex import SizeIndex
+
+    index = SizeIndex(str(tmp_path / "sizes.sqlite"))
+    ref = ObjectRef("c" * 32, "md5")
+    index.put_installed(ref, 10, (1, 2, 3))
+    pid = os.fork()
+    if pid == 0:  # the child: what its exit would run for this index, then out (not pytest's exit)
+        try:
+            index._flusher._at_exit()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert SizeIndex(str(tmp_path / "sizes.sqlite")).get_many([ref]) == {}
+    index._flusher._at_exit()
+    assert SizeIndex(str(tmp_path / "sizes.sqlite")).get_many([ref]) == {ref: 10}
