@@ -285,15 +285,16 @@ class SizeIndex(_SqliteIndex):
     def forget(self, relpaths: list[str]) -> None:
         """Drop sizes that may have been learned from a corrupt cached copy, with every manifest's
         record (any of them may hold such a size; each is rebuilt from the index on its next use)."""
-        with self._unwritten_lock:
-            for relpath in relpaths:
-                self._unwritten.pop(relpath, None)
-        try:
-            self._delete(("sizes", "verified"), relpaths)
-            with self._writing() as connection:
-                connection.execute("DELETE FROM manifest_sizes")
-        except _ERRORS as exc:
-            logger.warning("cannot remove object sizes from %s: %s", self.path, exc)
+        with self._flush_lock:  # not after a flush that copied the records, before it wrote them
+            with self._unwritten_lock:
+                for relpath in relpaths:
+                    self._unwritten.pop(relpath, None)
+            try:
+                self._delete(("sizes", "verified"), relpaths)
+                with self._writing() as connection:
+                    connection.execute("DELETE FROM manifest_sizes")
+            except _ERRORS as exc:
+                logger.warning("cannot remove object sizes from %s: %s", self.path, exc)
 
 
 class UsageIndex(_SqliteIndex):

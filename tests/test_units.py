@@ -685,3 +685,38 @@ def test_a_forked_child_does_not_flush_its_parents_records_at_exit(tmp_path):
     assert SizeIndex(str(tmp_path / "sizes.sqlite")).get_many([ref]) == {}
     index._flusher._at_exit()
     assert SizeIndex(str(tmp_path / "sizes.sqlite")).get_many([ref]) == {ref: 10}
+
+
+def test_forget_is_not_undone_by_a_flush_already_under_way(tmp_path):
+    """A flush copies the records, then writes them: `forget` of one of them meanwhile (its cached
+    copy found corrupt) must not see the flush write it back afterwards."""
+    import contextlib
+
+    from regfs.cache import ObjectRef
+    from regfs.cacheindex import SizeIndex
+
+    index = SizeIndex(str(tmp_path / "sizes.sqlite"))
+    ref = ObjectRef("d" * 32, "md5")
+    index.put_installed(ref, 10, (1, 2, 3))
+    writing, entered, go = index._writing, threading.Event(), threading.Event()
+
+    @contextlib.contextmanager
+    def held_writing():
+        entered.set()
+        go.wait(10)
+        with writing() as connection:
+            yield connection
+
+    index._writing = held_writing
+    flush = threading.Thread(target=index.flush)
+    flush.start()
+    assert entered.wait(10)
+    index._writing = writing
+    forget = threading.Thread(target=index.forget, args=([ref.relpath],))
+    forget.start()
+    time.sleep(0.2)  # forget, if it does not wait for the flush, is done by now
+    go.set()
+    flush.join(10)
+    forget.join(10)
+    other = SizeIndex(str(tmp_path / "sizes.sqlite"))
+    assert (other.get_many([ref]), other.verified(ref.relpath)) == ({}, None)
