@@ -138,17 +138,22 @@ class Operations(mfusepy.Operations):
         """`getattr` written into libfuse's stat structure: a copy of the structure of the entries
         of that kind, exec bit and mtime, then the size (no dict, no setattr per field)."""
         attr = self._view.attr(path)
-        key = (attr.kind, attr.is_exec, attr.mtime)
+        ctypes.pointer(status)[0] = self._template(attr.kind, attr.is_exec, attr.mtime)
+        status.st_size = attr.size
+        status.st_blocks = (attr.size + 511) >> 9
+
+    def _template(self, kind: str, is_exec: bool, mtime: int) -> mfusepy.c_stat:
+        """The stat structure of an empty entry of that kind, exec bit and mtime (never written
+        to: callers copy it, then set the size)."""
+        key = (kind, is_exec, mtime)
         template = self._templates.get(key)
         if template is None:
             template = mfusepy.c_stat()
-            mfusepy.set_st_attrs(template, self._stat(attr._replace(size=0)), use_ns=True)
+            mfusepy.set_st_attrs(template, self._stat(Attr(kind, 0, is_exec, mtime)), use_ns=True)
             if len(self._templates) > 256:  # a few per commit mtime
                 self._templates.clear()
             self._templates[key] = template
-        ctypes.pointer(status)[0] = template
-        status.st_size = attr.size
-        status.st_blocks = (attr.size + 511) >> 9
+        return template
 
     @_translated
     def readdir(self, path: str, offset: int, buf, filler, plus: bool) -> None:
@@ -161,7 +166,7 @@ class Operations(mfusepy.Operations):
         except IndexError:
             shapes = {}
         try:
-            add = _Entries(buf, filler, mtime if plus else None, self._stat, shapes)
+            add = _Entries(buf, filler, mtime if plus else None, self._template, shapes)
             for position, name in ((1, "."), (2, "..")):
                 if offset < position and add.name(name, "dir", position):
                     return
@@ -245,9 +250,9 @@ class _Entries:
     size the loop just set). A listing of 100k entries makes 100k filler calls: the loop stays lean.
     """
 
-    def __init__(self, buf, filler, mtime: int | None, stat_of: Callable[[Attr], dict],
+    def __init__(self, buf, filler, mtime: int | None, template_of: Callable[[str, bool, int], mfusepy.c_stat],
                  shapes: dict[tuple[int, str, bool], mfusepy.c_stat]):
-        self._buf, self._filler, self._mtime, self._stat_of = buf, filler, mtime, stat_of
+        self._buf, self._filler, self._mtime, self._template_of = buf, filler, mtime, template_of
         self._types: dict[str, mfusepy.c_stat] = {}
         self._shapes = shapes
 
@@ -278,8 +283,8 @@ class _Entries:
         return status
 
     def _shape(self, kind: str, is_exec: bool) -> mfusepy.c_stat:
-        status = self._shapes[self._mtime, kind, is_exec] = mfusepy.c_stat()
-        mfusepy.set_st_attrs(status, self._stat_of(Attr(kind, 0, is_exec, self._mtime)), use_ns=True)
+        template = self._template_of(kind, is_exec, self._mtime)
+        status = self._shapes[self._mtime, kind, is_exec] = type(template).from_buffer_copy(template)
         return status
 
 
