@@ -93,6 +93,9 @@ _TRANSIENT_ERRNOS = {errno.EIO, errno.EREMOTEIO, errno.EBUSY, errno.EAGAIN, errn
 
 class Backend:
     can_list = False
+    # Entries one listing request returns, at most (its pages: S3 lists 1,000 keys a request), or
+    # None where a listing costs per entry as a size request does (a local directory, SFTP).
+    list_page: int | None = None
 
     def warm(self) -> None:
         """Set up the client (libraries, session) now, so that the first request does not wait
@@ -107,7 +110,12 @@ class Backend:
     def stream(self, path: str | Version, start: int, end: int) -> Iterator[bytes]:
         yield self.read(path, start, end)
 
+    def list_tree(self, path: str) -> list[tuple[str, int]]:
+        """(name, size) of the objects anywhere below `path`, in one listing of pages."""
+        raise NotImplementedError
+
     def list(self, path: str) -> list[tuple[str, int]]:
+        """(name, size) of the objects in the directory `path`."""
         raise NotImplementedError
 
 
@@ -150,6 +158,11 @@ class FsspecBackend(Backend):
             except FileNotFoundError:  # a read of a known size asks no HEAD first: check here
                 self._check_container(fs, target)
                 raise
+
+    def list_tree(self, path: str) -> list[tuple[str, int]]:
+        with self._translated():
+            entries = self.filesystem().find(path, detail=True)
+        return [(name, int(entry["size"])) for name, entry in entries.items() if entry.get("type") == "file"]
 
     def list(self, path: str) -> list[tuple[str, int]]:
         with self._translated():
@@ -357,6 +370,7 @@ def open_backend(spec: RemoteSpec, connect_timeout: float, read_timeout: float) 
 
 class S3Backend(FsspecBackend):
     container = "bucket"
+    list_page = 1000
 
     def warm(self) -> None:
         # s3fs makes its botocore client on the first request: about 0.6 s (service models, endpoint).

@@ -149,6 +149,7 @@ class AzureBackend(FsspecBackend):
     """adlfs, with clients built here: one attempt per request and regfs's timeouts."""
 
     container = "container"
+    list_page = 5000
 
     def __init__(self, spec: RemoteSpec, connect_timeout: float, read_timeout: float):
         kwargs = _azure_options(spec)
@@ -241,6 +242,7 @@ def _azure_filesystem(kwargs: dict, client: dict, version_aware: bool):
 
 class GCSBackend(FsspecBackend):
     container = "bucket"
+    list_page = 1000
     version_key = "generation"
 
     def __init__(self, spec: RemoteSpec, connect_timeout: float, read_timeout: float):

@@ -64,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 _LIST_THRESHOLD = 8  # objects wanted below one prefix dir before a listing beats HEAD requests
 _SIZE_THREADS = 8  # requests for sizes at once, per call
+_SAMPLE_MIN = 16  # objects wanted before a listing of one prefix dir decides how to ask for the rest
 
 
 @dataclass(frozen=True)
@@ -241,14 +242,18 @@ class Remote:
         return text
 
     def sizes(self, relpaths: list[str]) -> dict[str, int]:
-        """Sizes of the objects that exist; missing ones are left out."""
+        """Sizes of the objects that exist; missing ones are left out.
+
+        One request per object (HEAD, stat), or listings of the prefix directories (`ab/` of
+        `files/md5/ab/cd...`) that hold them, whichever asks less: see `_listings`."""
         by_dir: dict[str | None, list[str]] = {}  # None: objects of a cloud-versioned remote, one by one
         for relpath in relpaths:
             by_dir.setdefault(None if self._location(relpath) else posixpath.dirname(relpath), []).append(relpath)
-        lists = self._backend.can_list
-        listed = {d for d, paths in by_dir.items() if d is not None and lists and len(paths) >= _LIST_THRESHOLD}
-        single = [p for d, paths in by_dir.items() if d not in listed for p in paths]
         found: dict[str, int] = {}
+        single = by_dir.pop(None, [])
+        trees, listed = self._listings(by_dir, found) if self._backend.can_list else (set(), set())
+        single += [p for d, paths in by_dir.items() if d not in listed and posixpath.dirname(d) not in trees
+                   for p in paths]
         pool = ThreadPoolExecutor(max_workers=_SIZE_THREADS)
         # Objects asked one by one go in a few batches per thread, not a job each: a job costs
         # more CPU than a stat of a local remote (1,000 futures took a tenth of a cold `cp -r`'s
@@ -256,7 +261,8 @@ class Remote:
         batch = max(1, -(-len(single) // (_SIZE_THREADS * 4)))
         failed = threading.Event()
         try:
-            jobs = [pool.submit(self._list_sizes, d) for d in listed]
+            jobs = [pool.submit(self._list_sizes, tree, True) for tree in trees]
+            jobs += [pool.submit(self._list_sizes, d) for d in listed]
             jobs += [pool.submit(self._sizes_one_by_one, single[i:i + batch], failed)
                      for i in range(0, len(single), batch)]
             for job in jobs:
@@ -269,6 +275,34 @@ class Remote:
             pool.shutdown(wait=False, cancel_futures=True)
         wanted = set(relpaths)
         return {relpath: size for relpath, size in found.items() if relpath in wanted}
+
+    def _listings(self, by_dir: dict[str, list[str]], found: dict[str, int]) -> tuple[set[str], set[str]]:
+        """Which listings to ask for sizes, as (trees to list whole, prefix directories to list).
+
+        Without pages (`Backend.list_page` None: a listing costs a request per entry, as on a
+        local disk), a prefix directory is listed when `_LIST_THRESHOLD` of its objects are wanted.
+        With pages, what a listing costs depends on how full the store is: the directory with the
+        most wanted objects is listed first (its answer is kept), and the store is assumed as full
+        in every prefix directory. Then a directory is listed when it has more wanted objects than
+        pages, and a whole tree of prefix directories (`files/md5/`, in pages one after another)
+        when its pages are fewer than the rounds of `_SIZE_THREADS` requests at once it spares.
+        The remote's root is never listed whole: a DVC 2 store there may hold a DVC 3 one."""
+        page = self._backend.list_page
+        if not page or sum(map(len, by_dir.values())) < _SAMPLE_MIN:
+            return set(), {d for d, paths in by_dir.items() if len(paths) >= _LIST_THRESHOLD}
+        sample = max(by_dir, key=lambda d: len(by_dir[d]))
+        entries = self._list_sizes(sample)
+        found.update(entries)
+        del by_dir[sample]
+        pages = -(-max(len(entries), 1) // page)  # requests to list one prefix directory
+        listed = {d for d, paths in by_dir.items() if len(paths) > pages}
+        tree = posixpath.dirname(sample)
+        requests = sum(pages if d in listed else len(paths) for d, paths in by_dir.items()
+                       if posixpath.dirname(d) == tree)
+        prefixes = 16 ** len(posixpath.basename(sample))  # prefix directories in the tree: ab/ has 256
+        if tree and -(-max(len(entries), 1) * prefixes // page) * _SIZE_THREADS < requests:
+            return {tree}, {d for d in listed if posixpath.dirname(d) != tree}
+        return set(), listed
 
     def _sizes_one_by_one(self, relpaths: list[str], failed: threading.Event) -> dict[str, int]:
         found: dict[str, int] = {}
@@ -287,10 +321,11 @@ class Remote:
         size = self._retrying(_Attempts(self._policy), relpath, lambda: self._held(self._backend.size, path))
         return {} if size is None else {relpath: size}
 
-    def _list_sizes(self, reldir: str) -> dict[str, int]:
+    def _list_sizes(self, reldir: str, tree: bool = False) -> dict[str, int]:
+        """Sizes of the objects in the directory `reldir`, or anywhere below it if `tree`."""
         path = self._path(reldir)
-        entries = self._retrying(_Attempts(self._policy), reldir + "/",
-                                 lambda: self._held(self._backend.list, path))
+        request = self._backend.list_tree if tree else self._backend.list
+        entries = self._retrying(_Attempts(self._policy), reldir + "/", lambda: self._held(request, path))
         prefix = self._root + "/"
         return {name.removeprefix(prefix): size for name, size in entries}
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.faultproxy import FaultProxy
 from tests.registry import Registry, random_bytes
 from tests.trees import assert_same_tree, snapshot
 
@@ -69,3 +70,31 @@ def test_remote_config_overrides_the_config_in_git(s3_registry, mount, oracle):
     expected = oracle.tree(source, "wrong-endpoint", local_config=[("s3store", "endpointurl", endpoint)])
     mounted = mount(f"{source}@wrong-endpoint", "--remote-config", f"s3store.endpointurl={endpoint}")
     assert_same_tree(snapshot(mounted.path), expected, "@wrong-endpoint with --remote-config")
+
+
+def test_sizes_of_a_directory_output_come_from_listings(tools, s3_server, tmp_path_factory, mount, oracle):
+    """`ls -l` of a directory output asks S3 for the sizes of its entries. In a store of a few
+    objects per prefix directory, that is one listing of the fullest directory, then one listing of
+    the whole `files/md5/` tree (pages of 1,000 keys), instead of a HEAD per object."""
+    s3_server.create_bucket("listed-bucket")
+    registry = Registry.create(tools, tmp_path_factory.mktemp("s3-listed") / "registry",
+                               remotes={"s3store": "s3://listed-bucket/store"}, default_remote="s3store")
+    registry.dvc("remote", "modify", "s3store", "endpointurl", s3_server.endpoint_url)
+    for index in range(40):
+        registry.write(f"many/{index:02d}.bin", random_bytes(100 + index, 1000 + index))
+    registry.add("many")
+    registry.push()
+    registry.commit("40 files on S3")
+    proxy = FaultProxy(s3_server.endpoint_url).start()
+    try:
+        mounted = mount(f"{registry.path}@main", "--remote-config", f"s3store.endpointurl={proxy.url}")
+        sizes = {path.name: path.stat().st_size for path in (mounted.path / "many").iterdir()}
+        assert sizes == {f"{index:02d}.bin": 1000 + index for index in range(40)}
+        entries = [request for request in proxy.requests if not request.path.split("?")[0].endswith(".dir")]
+        assert [request.method for request in entries] == ["GET", "GET"], entries
+        sample, tree = (request.path for request in entries)
+        assert "list-type=2" in sample and "delimiter=%2F" in sample, sample
+        assert "list-type=2" in tree and "delimiter=&" in tree + "&" and "prefix=store%2Ffiles%2Fmd5%2F&" in tree + "&", tree
+        assert_same_tree(snapshot(mounted.path), oracle.tree(registry.path, "main"), "S3 registry, sizes listed")
+    finally:
+        proxy.stop()

@@ -639,6 +639,72 @@ def test_sizes_asked_one_by_one_stop_at_the_first_refusal():
     assert len(backend.asked) < 250, len(backend.asked)
 
 
+class _Listable:
+    """A paged store for `Remote.sizes`: `per_dir` objects in every prefix directory of `files/md5/`
+    and of the remote's root (a DVC 2 store there), those of `relpaths` among them; records its
+    requests."""
+
+    def __new__(cls, relpaths: list[str], per_dir: int, page: int | None):
+        from regfs import backends
+
+        class Store(backends.Backend):
+            can_list, list_page = True, page
+
+            def __init__(self):
+                self.asked: list[tuple[str, str]] = []
+                self.sizes = {f"/r/{relpath}": index for index, relpath in enumerate(relpaths)}
+
+            def _entries(self, directory: str) -> list[tuple[str, int]]:
+                mine = [(name, size) for name, size in self.sizes.items() if name.rsplit("/", 1)[0] == directory]
+                return mine + [(f"{directory}/filler{index}", 1) for index in range(per_dir - len(mine))]
+
+            def size(self, path):
+                self.asked.append(("size", path))
+                return self.sizes.get(path)
+
+            def list(self, path):
+                self.asked.append(("list", path))
+                return self._entries(path)
+
+            def list_tree(self, path):
+                self.asked.append(("tree", path))
+                return [entry for prefix in range(256) for entry in self._entries(f"{path}/{prefix:02x}")]
+
+        return Store()
+
+
+@pytest.mark.parametrize("layout", ["files/md5/", ""])
+def test_sizes_ask_what_the_fullness_of_the_store_makes_cheapest(layout):
+    """With paged listings (S3), `Remote.sizes` lists the prefix directory with the most wanted
+    objects first and judges the rest by how full it is: a store of a few objects per directory
+    is listed whole (a DVC 3 tree; never the remote's root), a full one gets a listing for a
+    directory with more wanted objects than pages and a HEAD for each other object. Without
+    pages, a directory is listed when 8 of its objects are wanted. Every answer is the same."""
+    from regfs.dvcconfig import RemoteSpec
+    from regfs.remotes import Remote, RequestSlots, RetryPolicy
+
+    dense = [f"{layout}00/{index:030x}" for index in range(20)]
+    spread = [f"{layout}{prefix:02x}/{prefix:030x}" for prefix in range(1, 101)]
+    missing = [f"{layout}ff/{'e' * 30}"]
+
+    def sizes(per_dir: int, page: int | None):
+        store = _Listable(dense + spread, per_dir, page)
+        remote = Remote(RemoteSpec("store", "/r"), store, "/r", RetryPolicy(), RequestSlots())
+        answer = remote.sizes(dense + spread + missing)
+        assert answer == {relpath: index for index, relpath in enumerate(dense + spread)}
+        return sorted(store.asked)
+
+    asked = sizes(per_dir=20, page=1000)  # about 5,000 objects: two pages, for 100 HEADs
+    if layout:
+        assert asked == [("list", "/r/files/md5/00"), ("tree", "/r/files/md5")], asked
+    else:
+        assert asked == [("list", "/r/00")] + sorted(("size", f"/r/{p}") for p in spread + missing), asked
+    asked = sizes(per_dir=3000, page=1000)  # 768k objects: 768 pages one after another
+    assert asked == [("list", f"/r/{layout}00")] + sorted(("size", f"/r/{p}") for p in spread + missing), asked
+    asked = sizes(per_dir=20, page=None)
+    assert asked == [("list", f"/r/{layout}00")] + sorted(("size", f"/r/{p}") for p in spread + missing), asked
+
+
 def test_getattr_into_writes_what_getattr_answers():
     """libfuse's stat structure filled from a kept copy per kind, exec bit and mtime, then the
     size: field for field what mfusepy makes of `getattr`'s dict, whatever came before it."""
