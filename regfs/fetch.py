@@ -241,7 +241,9 @@ class ObjectStore:
         """Cache an object before any read needs it (read-ahead), unless it is cached (checked
         first: a cached one must not open the remote, which may be unreachable)."""
         if self._fetcher.cache.find(ref) is None:
-            self._fetcher.fetch(ref, self.remote(), size, ahead=True)
+            remote = self.remote()
+            with remote.ahead_slots:  # as many at once as pay off on this remote
+                self._fetcher.fetch(ref, remote, size, ahead=True)
 
     def stream(self, ref: ObjectRef, size: int) -> Download | None:
         """The running download of a large object for streaming readers (see `Fetcher.stream`)."""

@@ -20,7 +20,8 @@ it.
 Fetches ahead are ordinary fetches (the same cache, verification and per-object deduplication: a
 reader that opens a file being fetched ahead waits for that download, never starts a second one),
 made by at most `WORKERS` threads of the process (half the remote request slots, if that is fewer),
-so they leave the other slots to readers. A fetch ahead that fails is logged at debug level
+so they leave the other slots to readers; a remote may allow fewer at once (`Remote.ahead_slots`:
+one per CPU from a local directory). A fetch ahead that fails is logged at debug level
 only: the reader that reaches that file fetches it itself, and hears of the failure then.
 """
 

@@ -141,6 +141,9 @@ class Remote:
         values = backends.option_secrets(spec.options) + backends.url_credentials(spec.url)
         self._secrets = sorted({str(value) for value in values if value}, key=len, reverse=True)
         self._located: list[Mapping[str, Location]] = []
+        limit = backend.ahead_limit
+        # Taken by each download ahead of readers (read-ahead, prefetch) while it runs.
+        self.ahead_slots = threading.BoundedSemaphore(limit) if limit else contextlib.nullcontext()
 
     def describe(self) -> str:
         return f"remote '{self.name}' ({self.url})"

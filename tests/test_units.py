@@ -705,6 +705,38 @@ def test_sizes_ask_what_the_fullness_of_the_store_makes_cheapest(layout):
     assert asked == [("list", f"/r/{layout}00")] + sorted(("size", f"/r/{p}") for p in spread + missing), asked
 
 
+@pytest.mark.parametrize("local", [True, False])
+def test_downloads_ahead_from_a_local_remote_run_one_per_cpu(tmp_path, local):
+    """A download from a local directory is CPU work: fetches ahead of readers (read-ahead) take
+    one of the remote's `ahead_slots`, one per CPU, so no more run at once; on a remote whose
+    downloads wait on the network (here S3), as many run as read-ahead asks for."""
+    from regfs import backends
+    from regfs.dvcconfig import RemoteSpec
+    from regfs.fetch import ObjectStore
+    from regfs.remotes import Remote, RequestSlots, RetryPolicy
+
+    backend = backends.LocalBackend(None) if local else backends.S3Backend(None)
+    remote = Remote(RemoteSpec("store", str(tmp_path)), backend, str(tmp_path), RetryPolicy(), RequestSlots())
+    running, most, lock = [0], [0], threading.Lock()
+
+    class Fetcher:
+        class cache:
+            find = staticmethod(lambda ref: None)
+
+        def fetch(self, ref, remote, size, ahead=False):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.05)
+            with lock:
+                running[0] -= 1
+
+    store = ObjectStore(Fetcher(), lambda: remote, "store")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda index: store.fetch_ahead(f"ref{index}", 1), range(16)))
+    assert most[0] == (os.cpu_count() or 1 if local else 8), most[0]
+
+
 def test_getattr_into_writes_what_getattr_answers():
     """libfuse's stat structure filled from a kept copy per kind, exec bit and mtime, then the
     size: field for field what mfusepy makes of `getattr`'s dict, whatever came before it."""
