@@ -52,12 +52,13 @@ class Entries(Sized, Protocol):
 
 class _Run:
     """What one output's reader did last: the entry it opened, its steps in order, how far ahead
-    entries were handed to the workers."""
+    entries were handed to the workers, and the bytes of those after the one it opened (each
+    entry's size is asked for once as the window grows over it, once as the reader passes it)."""
 
-    __slots__ = ("ahead", "last", "steps")
+    __slots__ = ("ahead", "ahead_bytes", "last", "steps")
 
     def __init__(self, index: int):
-        self.last, self.steps, self.ahead = index, 0, index
+        self.last, self.steps, self.ahead, self.ahead_bytes = index, 0, index, 0
 
 
 class ReadAhead:
@@ -80,10 +81,12 @@ class ReadAhead:
             if run is None or not 0 < index - run.last <= GAP:
                 self._runs[entries] = _Run(index)
                 return
+            self._passed(entries, run, index)
             run.last, run.steps = index, run.steps + 1
             if cached and index > run.ahead:  # cached before, not by read-ahead: the next ones likely are too
                 return
-            start, end = max(run.ahead, index) + 1, self._window_end(entries, index, run.steps)
+            start = max(run.ahead, index) + 1
+            end = self._grow(entries, run, start, min(self.files, START << min(run.steps - 1, 16)))
             if start >= end:
                 return
             run.ahead = end - 1
@@ -91,15 +94,25 @@ class ReadAhead:
                 self._queue.put((entries, ahead))
             self._start_workers(end - start)
 
-    def _window_end(self, entries: Entries, index: int, steps: int) -> int:
-        """One past the last entry to have ahead of a reader at `index` after `steps` steps in order."""
-        files = min(self.files, START << min(steps - 1, 16))
-        end, budget = index + 1, WINDOW_BYTES
-        while end < min(len(entries), index + 1 + files):
+    @staticmethod
+    def _passed(entries: Entries, run: _Run, index: int) -> None:
+        """The reader went from `run.last` to `index`: the entries it passed are no longer ahead."""
+        if index >= run.ahead:
+            run.ahead_bytes = 0
+            return
+        for passed in range(run.last + 1, index + 1):
+            run.ahead_bytes -= entries.size(passed) or 0  # known: the window grew over it
+
+    @staticmethod
+    def _grow(entries: Entries, run: _Run, start: int, files: int) -> int:
+        """One past the last entry to have ahead of the reader (at `run.last`), the window grown
+        from `start` by entries of known size within `files` entries and `WINDOW_BYTES` bytes."""
+        end = start
+        while end < min(len(entries), run.last + 1 + files):
             size = entries.size(end)
-            if size is None or size > budget:
+            if size is None or size > WINDOW_BYTES - run.ahead_bytes:
                 break
-            budget -= size
+            run.ahead_bytes += size
             end += 1
         return end
 

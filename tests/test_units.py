@@ -427,6 +427,42 @@ def test_read_ahead_windows():
     assert _fetched_ahead(ReadAhead(0), _Entries(100), [(i, False) for i in range(10)]) == []
 
 
+@pytest.mark.parametrize("unknown", [0, 0.05])
+def test_read_ahead_window_grows_by_the_sizes_it_has_not_seen(unknown):
+    """The window of a reader in order is what it would be if summed anew at each open (entries
+    after the one opened, within the files allowed and WINDOW_BYTES, up to one of unknown size),
+    while sizes are asked for about twice per entry (as the window grows over it, as the reader
+    passes it) and once per open (where the window stopped), not for the whole window at each open."""
+    import random
+
+    from regfs.readahead import GAP, START, WINDOW_BYTES
+
+    rng = random.Random(7)
+    sizes = [None if rng.random() < unknown else WINDOW_BYTES // rng.randint(2, 200) for _ in range(3000)]
+    asked: list[int] = []
+
+    class Sized(_Entries):
+        def size(self, index: int) -> int | None:
+            asked.append(index)
+            return sizes[index]
+
+        def fetch_ahead(self, index: int) -> None:
+            pass
+
+    readahead, entries = ReadAhead(64), Sized(len(sizes))
+    index, ahead, steps = 0, 0, 0
+    readahead.opened(entries, index)
+    while index < len(sizes) - GAP:
+        index, steps = index + rng.randint(1, 3), steps + 1
+        readahead.opened(entries, index)
+        files, end, budget = min(64, START << min(steps - 1, 16)), index + 1, WINDOW_BYTES
+        while end < min(len(sizes), index + 1 + files) and sizes[end] is not None and sizes[end] <= budget:
+            budget, end = budget - sizes[end], end + 1
+        ahead = end - 1 if end - 1 > max(ahead, index) else ahead  # handed to the workers
+        assert readahead._runs[entries].ahead == ahead, index
+    assert len(asked) <= 2 * len(sizes) + steps + 1, (len(asked), steps)
+
+
 def test_http_sessions_trust_the_environment_only_where_it_has_settings(monkeypatch, tmp_path):
     """aiohttp's trust_env (proxy variables, ~/.netrc) costs every request a netrc lookup in a
     thread: HTTP sessions turn it on only when there is a proxy variable or a netrc file."""
