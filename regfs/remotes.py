@@ -67,6 +67,10 @@ _SIZE_THREADS = 8  # requests for sizes at once, per call
 _SAMPLE_MIN = 16  # objects wanted before a listing of one prefix dir decides how to ask for the rest
 
 
+class _ListingRefused(Exception):
+    """The remote refused a listing: ask for the sizes of its objects one by one."""
+
+
 @dataclass(frozen=True)
 class Location:
     """Where a cloud-versioned remote keeps an object: its path below the remote's URL (the
@@ -141,6 +145,8 @@ class Remote:
         values = backends.option_secrets(spec.options) + backends.url_credentials(spec.url)
         self._secrets = sorted({str(value) for value in values if value}, key=len, reverse=True)
         self._located: list[Mapping[str, Location]] = []
+        self._lists = backend.can_list  # False once a listing was refused
+        self._lists_lock = threading.Lock()
         limit = backend.ahead_limit
         # Taken by each download ahead of readers (read-ahead, prefetch) while it runs.
         self.ahead_slots = threading.BoundedSemaphore(limit) if limit else contextlib.nullcontext()
@@ -254,7 +260,7 @@ class Remote:
             by_dir.setdefault(None if self._location(relpath) else posixpath.dirname(relpath), []).append(relpath)
         found: dict[str, int] = {}
         single = by_dir.pop(None, [])
-        trees, listed = self._listings(by_dir, found) if self._backend.can_list else (set(), set())
+        trees, listed = self._listings(by_dir, found) if self._lists else (set(), set())
         single += [p for d, paths in by_dir.items() if d not in listed and posixpath.dirname(d) not in trees
                    for p in paths]
         pool = ThreadPoolExecutor(max_workers=_SIZE_THREADS)
@@ -264,8 +270,10 @@ class Remote:
         batch = max(1, -(-len(single) // (_SIZE_THREADS * 4)))
         failed = threading.Event()
         try:
-            jobs = [pool.submit(self._list_sizes, tree, True) for tree in trees]
-            jobs += [pool.submit(self._list_sizes, d) for d in listed]
+            under = {tree: [p for d, paths in by_dir.items() if posixpath.dirname(d) == tree for p in paths]
+                     for tree in trees}
+            jobs = [pool.submit(self._listed_sizes, tree, under[tree], failed, True) for tree in trees]
+            jobs += [pool.submit(self._listed_sizes, d, by_dir[d], failed) for d in listed]
             jobs += [pool.submit(self._sizes_one_by_one, single[i:i + batch], failed)
                      for i in range(0, len(single), batch)]
             for job in jobs:
@@ -294,7 +302,10 @@ class Remote:
         if not page or sum(map(len, by_dir.values())) < _SAMPLE_MIN:
             return set(), {d for d, paths in by_dir.items() if len(paths) >= _LIST_THRESHOLD}
         sample = max(by_dir, key=lambda d: len(by_dir[d]))
-        entries = self._list_sizes(sample)
+        try:
+            entries = self._list_sizes(sample)
+        except _ListingRefused:
+            return set(), set()
         found.update(entries)
         del by_dir[sample]
         pages = -(-max(len(entries), 1) // page)  # requests to list one prefix directory
@@ -324,11 +335,33 @@ class Remote:
         size = self._retrying(_Attempts(self._policy), relpath, lambda: self._held(self._backend.size, path))
         return {} if size is None else {relpath: size}
 
+    def _listed_sizes(self, reldir: str, relpaths: list[str], failed: threading.Event,
+                      tree: bool = False) -> dict[str, int]:
+        """`_list_sizes`, or the objects `relpaths` (all those wanted there) one by one if the
+        remote refuses listings."""
+        try:
+            return self._list_sizes(reldir, tree)
+        except _ListingRefused:
+            return self._sizes_one_by_one(relpaths, failed)
+
     def _list_sizes(self, reldir: str, tree: bool = False) -> dict[str, int]:
-        """Sizes of the objects in the directory `reldir`, or anywhere below it if `tree`."""
+        """Sizes of the objects in the directory `reldir`, or anywhere below it if `tree`.
+
+        A remote that refuses a listing (a key allowed to read objects but not to list the
+        bucket, a directory without read permission) raises `_ListingRefused` and is not asked
+        for listings again: its objects are asked for one by one."""
         path = self._path(reldir)
         request = self._backend.list_tree if tree else self._backend.list
-        entries = self._retrying(_Attempts(self._policy), reldir + "/", lambda: self._held(request, path))
+        try:
+            entries = self._retrying(_Attempts(self._policy), reldir + "/", lambda: self._held(request, path))
+        except RemoteError as exc:
+            if not isinstance(exc.__cause__, PermissionError):
+                raise
+            with self._lists_lock:  # one warning, whatever the listings refused at once
+                first, self._lists = self._lists, False
+            if first:
+                logger.warning("%s; asking for sizes one object at a time instead", exc)
+            raise _ListingRefused from exc
         prefix = self._root + "/"
         return {name.removeprefix(prefix): size for name, size in entries}
 

@@ -741,6 +741,35 @@ def test_sizes_ask_what_the_fullness_of_the_store_makes_cheapest(layout):
     assert asked == [("list", f"/r/{layout}00")] + sorted(("size", f"/r/{p}") for p in spread + missing), asked
 
 
+@pytest.mark.parametrize("page", [1000, None])
+def test_sizes_from_a_remote_that_refuses_listings_come_one_by_one(page, caplog):
+    """A key that may read objects but not list the bucket (or a directory without read
+    permission): the refused listing is not an error, its objects are asked for one by one, and
+    the remote is not asked for a listing again; one warning says so."""
+    from regfs.dvcconfig import RemoteSpec
+    from regfs.remotes import Remote, RequestSlots, RetryPolicy
+
+    relpaths = [f"files/md5/{index % 4:02x}/{index:030x}" for index in range(40)]
+    store = _Listable(relpaths, 20, page)
+
+    def refuse(path):
+        store.asked.append(("list", path))
+        raise PermissionError(errno.EACCES, "AccessDenied")
+
+    store.list = store.list_tree = refuse
+    remote = Remote(RemoteSpec("store", "/r"), store, "/r", RetryPolicy(), RequestSlots())
+    expected = {relpath: index for index, relpath in enumerate(relpaths)}
+    with caplog.at_level("WARNING", logger="regfs.remotes"):
+        assert remote.sizes(relpaths) == expected
+        assert remote.sizes(relpaths) == expected
+    listings = [asked for asked in store.asked if asked[0] == "list"]
+    assert len(listings) == (1 if page else 4), listings  # the sample, or the 4 dense dirs at once
+    assert sorted(asked for asked in store.asked if asked[0] == "size") == \
+        sorted(("size", f"/r/{relpath}") for relpath in relpaths * 2)
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert "AccessDenied" in warning and "one object at a time" in warning, warning
+
+
 @pytest.mark.parametrize("local", [True, False])
 def test_downloads_ahead_from_a_local_remote_run_one_per_cpu(tmp_path, local):
     """A download from a local directory is CPU work: fetches ahead of readers (read-ahead) take
