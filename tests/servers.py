@@ -40,7 +40,9 @@ def sample_registry(tools: Tools, path: Path, remote: str, url: str, options: li
     """A registry whose default remote `remote` at `url`, configured with `options` (the
     arguments of `dvc remote modify REMOTE`, such as `("--local", KEY, VALUE)`), holds what each
     remote type's registry holds, pushed and committed: a text file, an executable, a directory
-    with nested and non-ASCII names, and an object of more than one ranged read."""
+    with nested and non-ASCII names, a directory of 20 small files (enough that a remote with paged
+    listings lists the store for their sizes, see `Remote.sizes`), and an object of more than one
+    ranged read."""
     registry = Registry.create(tools, path)
     registry.dvc("remote", "add", "-d", remote, url)
     for option in options:
@@ -50,8 +52,10 @@ def sample_registry(tools: Tools, path: Path, remote: str, url: str, options: li
     registry.write("tool.sh", f"#!/bin/sh\necho {where}\n", executable=True)
     registry.write("blobs/one.bin", random_bytes(seed, 70_000))
     registry.write("blobs/nested/ééé.txt", "accents\n")
+    for index in range(20):
+        registry.write(f"many/{index:02d}.txt", f"{where}: file {index}\n" * (index + 1))
     registry.write("big.bin", random_bytes(seed + 1, 9 * 1024 * 1024 + seed))
-    registry.add("plain.txt", "tool.sh", "blobs", "big.bin")
+    registry.add("plain.txt", "tool.sh", "blobs", "many", "big.bin")
     registry.push()
     registry.commit(f"data {where}")
     return registry
