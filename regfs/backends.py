@@ -53,6 +53,13 @@ CHUNK = 8 << 20  # bytes per ranged request, at most (a part of a download, see 
 PIECE = 1 << 20  # bytes per piece of a streamed body
 
 
+class NotAsked(Exception):
+    """The answer of a request `Backend.sizes` did not send, after another failed for good."""
+
+
+NOT_ASKED = NotAsked("not asked: an earlier request failed for good")
+
+
 class Fault(Exception):
     """A failed request said in regfs's words: a bad status, a broken promise of the protocol, or
     a library's error translated by the backend that called it (`transient` if worth repeating)."""
@@ -98,12 +105,19 @@ class Backend:
     list_page: int | None = None
     # Downloads ahead of readers at once that pay off, or None: as many as read-ahead runs.
     ahead_limit: int | None = None
+    asks_together = False  # whether `sizes` runs many size requests itself
 
     def warm(self) -> None:
         """Set up the client (libraries, session) now, so that the first request does not wait
         for it; asks the remote nothing. Nothing to do for most backends."""
 
     def size(self, path: str | Version) -> int | None:
+        raise NotImplementedError
+
+    def sizes(self, paths: list[str], at_once: int) -> list[int | None | BaseException]:
+        """`size` of each path, `at_once` requests at a time (if `asks_together`), each answer in
+        its place: the size, None (missing), or what its request raised. After a request fails
+        for good (not `transient`), no other is sent: those not sent answer `NOT_ASKED`."""
         raise NotImplementedError
 
     def read(self, path: str | Version, start: int, end: int) -> bytes:
@@ -234,6 +248,8 @@ _IDENTITY = {"Accept-Encoding": "identity"}  # sizes and ranges of the stored by
 
 
 class HTTPBackend(Backend):
+    asks_together = True
+
     def __init__(self, client_kwargs: dict):
         from fsspec.implementations.http import HTTPFileSystem
 
@@ -262,6 +278,26 @@ class HTTPBackend(Backend):
                 yield piece
         finally:
             fsspec.asyn.sync(loop, _finish, response, left == 0)
+
+    def sizes(self, paths: list[str], at_once: int) -> list[int | None | BaseException]:
+        stopped = []
+
+        async def size(path: str, gate: asyncio.Semaphore) -> int | None | BaseException:
+            async with gate:
+                if stopped:
+                    return NOT_ASKED
+                try:
+                    return await self._head(_unversioned(path))
+                except Exception as exc:  # noqa: BLE001 - answered in its place, see Backend.sizes
+                    if not transient(exc):
+                        stopped.append(exc)
+                    return exc
+
+        async def every() -> list[int | None | BaseException]:
+            gate = asyncio.Semaphore(at_once)
+            return await asyncio.gather(*(size(path, gate) for path in paths))
+
+        return fsspec.asyn.sync(self._fs.loop, every)
 
     async def _head(self, url: str) -> int | None:
         session = await self._fs.set_session()

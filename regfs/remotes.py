@@ -51,7 +51,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
@@ -64,6 +64,7 @@ logger = logging.getLogger(__name__)
 
 _LIST_THRESHOLD = 8  # objects wanted below one prefix dir before a listing beats HEAD requests
 _SIZE_THREADS = 8  # requests for sizes at once, per call
+_TOGETHER = 1024  # sizes asked of a backend in one call, at most (`Backend.sizes`)
 _SAMPLE_MIN = 16  # objects wanted before a listing of one prefix dir decides how to ask for the rest
 
 
@@ -88,12 +89,27 @@ class RequestSlots:
             raise ConfigError(f"the number of requests in flight must be at least 1, not {limit}")
         self.limit = limit
         self._semaphore = threading.BoundedSemaphore(limit)
+        self._taking = threading.Lock()
 
     def __enter__(self) -> None:
         self._semaphore.acquire()
 
     def __exit__(self, *exc_info) -> None:
         self._semaphore.release()
+
+    @contextlib.contextmanager
+    def many(self, count: int) -> Iterator[int]:
+        """`count` slots (the cap, if lower) for requests run together; yields how many. They are
+        taken under a lock: two takers never each hold part of what both wait for."""
+        count = min(count, self.limit)
+        with self._taking:
+            for _ in range(count):
+                self._semaphore.acquire()
+        try:
+            yield count
+        finally:
+            for _ in range(count):
+                self._semaphore.release()
 
 
 @dataclass(frozen=True)
@@ -225,24 +241,29 @@ class Remote:
         while True:
             try:
                 result = request()
-            except FileNotFoundError as exc:
-                raise ObjectMissing(f"object {relpath} is missing on {self.describe()}") from exc
             except backends.ERRORS as exc:
-                reason = self._reason(exc)
-                if not backends.transient(exc):
-                    raise RemoteError(f"cannot read {relpath} from {self.describe()}: {reason}") from exc
-                delay = attempts.next_delay()
-                if delay is None:
-                    raise RemoteError(
-                        f"cannot read {relpath} from {self.describe()}: {reason} (gave up after "
-                        f"{attempts.failures} failed attempts, {time.monotonic() - attempts.started:.1f} s)"
-                    ) from exc
-                logger.warning("reading %s from %s failed (%s); retry %d of %d in %.1f s", relpath,
-                               self.describe(), reason, attempts.failures, self._policy.retries, delay)
-                time.sleep(delay)
+                time.sleep(self._failure(attempts, relpath, exc))
             else:
                 attempts.succeeded()
                 return result
+
+    def _failure(self, attempts: _Attempts, relpath: str, exc: BaseException) -> float:
+        """After a failed request for `relpath`: the seconds to wait before the next, or what the
+        caller gets (ObjectMissing, RemoteError) raised from `exc`."""
+        if isinstance(exc, FileNotFoundError):
+            raise ObjectMissing(f"object {relpath} is missing on {self.describe()}") from exc
+        reason = self._reason(exc)
+        if not backends.transient(exc):
+            raise RemoteError(f"cannot read {relpath} from {self.describe()}: {reason}") from exc
+        delay = attempts.next_delay()
+        if delay is None:
+            raise RemoteError(
+                f"cannot read {relpath} from {self.describe()}: {reason} (gave up after "
+                f"{attempts.failures} failed attempts, {time.monotonic() - attempts.started:.1f} s)"
+            ) from exc
+        logger.warning("reading %s from %s failed (%s); retry %d of %d in %.1f s", relpath,
+                       self.describe(), reason, attempts.failures, self._policy.retries, delay)
+        return delay
 
     def _reason(self, exc: BaseException) -> str:
         text = re.sub(r"(\w+://)[^/@\s]*@", r"\1", backends.reason(exc))  # user:password@ in any URL
@@ -274,8 +295,11 @@ class Remote:
                      for tree in trees}
             jobs = [pool.submit(self._listed_sizes, tree, under[tree], failed, True) for tree in trees]
             jobs += [pool.submit(self._listed_sizes, d, by_dir[d], failed) for d in listed]
-            jobs += [pool.submit(self._sizes_one_by_one, single[i:i + batch], failed)
-                     for i in range(0, len(single), batch)]
+            if self._backend.asks_together and single:
+                jobs.append(pool.submit(self._sizes_together, single))
+            else:
+                jobs += [pool.submit(self._sizes_one_by_one, single[i:i + batch], failed)
+                         for i in range(0, len(single), batch)]
             for job in jobs:
                 found.update(job.result())
         except BaseException:
@@ -328,6 +352,36 @@ class Remote:
             except BaseException:
                 failed.set()  # the others stop too: the caller gets this failure
                 raise
+        return found
+
+    def _sizes_together(self, relpaths: list[str]) -> dict[str, int]:
+        """Sizes asked for `_SIZE_THREADS` at a time by the backend itself (`Backend.sizes`: one
+        trip to its event loop for many requests, instead of a thread's trip per request), while
+        this thread holds as many request slots. Objects whose request failed are asked again
+        together after the longest of their waits, each within its own retry budget; a refusal
+        raises, and the backend sends no request after it."""
+        found: dict[str, int] = {}
+        for begin in range(0, len(relpaths), _TOGETHER):
+            pending, budgets = relpaths[begin:begin + _TOGETHER], {}
+            while pending:
+                with self._slots.many(_SIZE_THREADS) as at_once:
+                    answers = self._backend.sizes([self._path(relpath) for relpath in pending], at_once)
+                final = next(((relpath, answer) for relpath, answer in zip(pending, answers)
+                              if isinstance(answer, backends.ERRORS) and not backends.transient(answer)), None)
+                if final is not None:  # the backend sent nothing after it (those answer NOT_ASKED)
+                    self._failure(_Attempts(self._policy), *final)
+                again, wait = [], 0.0
+                for relpath, answer in zip(pending, answers):
+                    if isinstance(answer, BaseException):
+                        if not isinstance(answer, backends.ERRORS):
+                            raise answer
+                        attempts = budgets.setdefault(relpath, _Attempts(self._policy))
+                        wait = max(wait, self._failure(attempts, relpath, answer))
+                        again.append(relpath)
+                    elif answer is not None:
+                        found[relpath] = answer
+                time.sleep(wait)
+                pending = again
         return found
 
     def _size(self, relpath: str) -> dict[str, int]:

@@ -802,6 +802,75 @@ def test_downloads_ahead_from_a_local_remote_run_one_per_cpu(tmp_path, local):
     assert most[0] == (os.cpu_count() or 1 if local else 8), most[0]
 
 
+def test_sizes_over_http_are_asked_together(tmp_path):
+    """An HTTP remote's sizes are HEADs run together in its event loop: every size right, a
+    missing object left out, one HEAD per object. A server that refuses them (401) fails the call
+    with the refusal after a few HEADs, not after one per object."""
+    from regfs.dvcconfig import RemoteSpec
+    from regfs.remotes import open_remote
+    from tests.httpserver import HTTPRemoteServer
+
+    relpaths = [f"{index % 256:02x}/{index:030x}" for index in range(300)]
+    for index, relpath in enumerate(relpaths):
+        (tmp_path / relpath).parent.mkdir(exist_ok=True)
+        (tmp_path / relpath).write_bytes(b"x" * index)
+    for credentials, expected in ((None, "sizes"), (("user", "secret"), "refused")):
+        server = HTTPRemoteServer(tmp_path, credentials=credentials).start()
+        try:
+            remote = open_remote(RemoteSpec("web", server.url, {"retries": "0"}))
+            if expected == "sizes":
+                assert remote.sizes(relpaths + ["ff/" + "e" * 30]) == {relpath: index for index, relpath
+                                                                       in enumerate(relpaths)}
+                heads = sorted(path for method, path, _ in server.requests if method == "HEAD")
+                assert heads == sorted(f"/{relpath}" for relpath in relpaths + ["ff/" + "e" * 30])
+            else:
+                with pytest.raises(RemoteError, match="401"):
+                    remote.sizes(relpaths)
+                assert len(server.requests) <= 16, len(server.requests)
+        finally:
+            server.stop()
+
+
+def test_sizes_asked_together_are_retried_in_rounds():
+    """Objects whose size request failed (transiently) are asked again together, each within its
+    own retry budget; one that keeps failing ends the call once its budget is spent."""
+    from regfs import backends
+    from regfs.dvcconfig import RemoteSpec
+    from regfs.remotes import Remote, RequestSlots, RetryPolicy
+
+    class Flaky(backends.Backend):
+        asks_together = True
+
+        def __init__(self, failing: dict[str, int]):
+            self.rounds: list[list[str]] = []
+            self._failing = failing  # path -> failed answers before a good one
+
+        def sizes(self, paths, at_once):
+            assert at_once == 8
+            self.rounds.append(paths)
+            answers = []
+            for path in paths:
+                if self._failing.get(path, 0) > 0:
+                    self._failing[path] -= 1
+                    answers.append(backends.HTTPStatus(503, "Service Unavailable"))
+                else:
+                    answers.append(int(path.rsplit("/", 1)[1], 16))
+            return answers
+
+    relpaths = [f"{index % 256:02x}/{index:030x}" for index in range(40)]
+    policy = RetryPolicy(retries=2, first_delay=0.01, max_delay=0.02)
+    flaky = Flaky({"/r/" + relpaths[3]: 2, "/r/" + relpaths[7]: 1})
+    remote = Remote(RemoteSpec("store", "/r"), flaky, "/r", policy, RequestSlots())
+    assert remote.sizes(relpaths) == {relpath: int(relpath[3:], 16) for relpath in relpaths}
+    assert flaky.rounds[1:] == [["/r/" + relpaths[3], "/r/" + relpaths[7]], ["/r/" + relpaths[3]]]
+
+    flaky = Flaky({"/r/" + relpaths[3]: 3})
+    remote = Remote(RemoteSpec("store", "/r"), flaky, "/r", policy, RequestSlots())
+    with pytest.raises(RemoteError, match="gave up after 3 failed attempts"):
+        remote.sizes(relpaths)
+    assert len(flaky.rounds) == 3
+
+
 def test_getattr_into_writes_what_getattr_answers():
     """libfuse's stat structure filled from a kept copy per kind, exec bit and mtime, then the
     size: field for field what mfusepy makes of `getattr`'s dict, whatever came before it."""
