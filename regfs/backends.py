@@ -116,8 +116,10 @@ class Backend:
 
     def sizes(self, paths: list[str], at_once: int) -> list[int | None | BaseException]:
         """`size` of each path, `at_once` requests at a time (if `asks_together`), each answer in
-        its place: the size, None (missing), or what its request raised. After a request fails
-        for good (not `transient`), no other is sent: those not sent answer `NOT_ASKED`."""
+        its place: the size, None (missing), or what its request raised. No request is sent after
+        one failed for good (not `transient`), nor after `at_once` failed at all (a remote that
+        stalls would hold the call for a timeout per `at_once` of them): those not sent answer
+        `NOT_ASKED`."""
         raise NotImplementedError
 
     def read(self, path: str | Version, start: int, end: int) -> bytes:
@@ -280,17 +282,16 @@ class HTTPBackend(Backend):
             fsspec.asyn.sync(loop, _finish, response, left == 0)
 
     def sizes(self, paths: list[str], at_once: int) -> list[int | None | BaseException]:
-        stopped = []
+        failures: list[BaseException] = []
 
         async def size(path: str, gate: asyncio.Semaphore) -> int | None | BaseException:
             async with gate:
-                if stopped:
+                if len(failures) >= at_once or any(not transient(failure) for failure in failures):
                     return NOT_ASKED
                 try:
                     return await self._head(_unversioned(path))
                 except Exception as exc:  # noqa: BLE001 - answered in its place, see Backend.sizes
-                    if not transient(exc):
-                        stopped.append(exc)
+                    failures.append(exc)
                     return exc
 
         async def every() -> list[int | None | BaseException]:

@@ -125,10 +125,10 @@ class RetryPolicy:
 class _Attempts:
     """The retry budget of one range: failed requests in a row, and when bytes last arrived."""
 
-    def __init__(self, policy: RetryPolicy):
+    def __init__(self, policy: RetryPolicy, started: float | None = None):
         self._policy = policy
         self.failures = 0
-        self._since = self.started = time.monotonic()
+        self._since = self.started = time.monotonic() if started is None else started
 
     def delivered(self) -> None:
         """Bytes arrived: the retry timeout counts from now."""
@@ -358,12 +358,14 @@ class Remote:
         """Sizes asked for `_SIZE_THREADS` at a time by the backend itself (`Backend.sizes`: one
         trip to its event loop for many requests, instead of a thread's trip per request), while
         this thread holds as many request slots. Objects whose request failed are asked again
-        together after the longest of their waits, each within its own retry budget; a refusal
-        raises, and the backend sends no request after it."""
+        together after the longest of their waits, each within its own retry budget, with those
+        the backend did not ask (it stops after a refusal, which raises here, or after as many
+        failures as requests at once)."""
         found: dict[str, int] = {}
         for begin in range(0, len(relpaths), _TOGETHER):
             pending, budgets = relpaths[begin:begin + _TOGETHER], {}
             while pending:
+                started = time.monotonic()  # of the requests of this round, for their retry budgets
                 with self._slots.many(_SIZE_THREADS) as at_once:
                     answers = self._backend.sizes([self._path(relpath) for relpath in pending], at_once)
                 final = next(((relpath, answer) for relpath, answer in zip(pending, answers)
@@ -372,10 +374,12 @@ class Remote:
                     self._failure(_Attempts(self._policy), *final)
                 again, wait = [], 0.0
                 for relpath, answer in zip(pending, answers):
-                    if isinstance(answer, BaseException):
+                    if answer is backends.NOT_ASKED:
+                        again.append(relpath)
+                    elif isinstance(answer, BaseException):
                         if not isinstance(answer, backends.ERRORS):
                             raise answer
-                        attempts = budgets.setdefault(relpath, _Attempts(self._policy))
+                        attempts = budgets.get(relpath) or budgets.setdefault(relpath, _Attempts(self._policy, started))
                         wait = max(wait, self._failure(attempts, relpath, answer))
                         again.append(relpath)
                     elif answer is not None:

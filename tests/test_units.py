@@ -805,9 +805,11 @@ def test_downloads_ahead_from_a_local_remote_run_one_per_cpu(tmp_path, local):
 def test_sizes_over_http_are_asked_together(tmp_path):
     """An HTTP remote's sizes are HEADs run together in its event loop: every size right, a
     missing object left out, one HEAD per object. A server that refuses them (401) fails the call
-    with the refusal after a few HEADs, not after one per object."""
+    with the refusal after a few HEADs, not after one per object; so does one that fails them all
+    (503), once the retry budget is spent, having sent fewer than 16 HEADs per attempt."""
     from regfs.dvcconfig import RemoteSpec
     from regfs.remotes import open_remote
+    from tests.faultproxy import FaultProxy
     from tests.httpserver import HTTPRemoteServer
 
     relpaths = [f"{index % 256:02x}/{index:030x}" for index in range(300)]
@@ -829,6 +831,18 @@ def test_sizes_over_http_are_asked_together(tmp_path):
                 assert len(server.requests) <= 16, len(server.requests)
         finally:
             server.stop()
+    server = HTTPRemoteServer(tmp_path).start()
+    proxy = FaultProxy(server.url).start()
+    try:
+        proxy.inject("503", methods=("HEAD",))
+        remote = open_remote(RemoteSpec("web", proxy.url, {"retries": "1"}))
+        with pytest.raises(RemoteError, match="503.*gave up after 2 failed attempts"):
+            remote.sizes(relpaths)
+        # Per attempt: 8 at once, and fewer than 8 more started as the first failures came back.
+        assert len(proxy.requests) <= 2 * (2 * 8 - 1), len(proxy.requests)
+    finally:
+        proxy.stop()
+        server.stop()
 
 
 def test_sizes_asked_together_are_retried_in_rounds():
