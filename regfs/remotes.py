@@ -164,7 +164,7 @@ class Remote:
         self._lists = backend.can_list  # False once a listing was refused
         self._lists_lock = threading.Lock()
         limit = backend.ahead_limit
-        # Taken by each download ahead of readers (read-ahead, prefetch) while it runs.
+        # Taken by each download ahead of readers (read-ahead) while it runs.
         self.ahead_slots = threading.BoundedSemaphore(limit) if limit else contextlib.nullcontext()
 
     def describe(self) -> str:
