@@ -317,7 +317,8 @@ class Remote:
         Without pages (`Backend.list_page` None: a listing costs a request per entry, as on a
         local disk), a prefix directory is listed when `_LIST_THRESHOLD` of its objects are wanted.
         With pages, what a listing costs depends on how full the store is: the directory with the
-        most wanted objects is listed first (its answer is kept), and the store is assumed as full
+        most wanted objects is listed first (its answer goes into `found`, and the directory
+        leaves `by_dir`: its objects are answered), and the store is assumed as full
         in every prefix directory. Then a directory is listed when it has more wanted objects than
         pages, and a whole tree of prefix directories (`files/md5/`, in pages one after another)
         when its pages are fewer than the rounds of `_SIZE_THREADS` requests at once it spares.
@@ -379,7 +380,9 @@ class Remote:
                     elif isinstance(answer, BaseException):
                         if not isinstance(answer, backends.ERRORS):
                             raise answer
-                        attempts = budgets.get(relpath) or budgets.setdefault(relpath, _Attempts(self._policy, started))
+                        if relpath not in budgets:
+                            budgets[relpath] = _Attempts(self._policy, started)
+                        attempts = budgets[relpath]
                         wait = max(wait, self._failure(attempts, relpath, answer))
                         again.append(relpath)
                     elif answer is not None:
