@@ -885,6 +885,27 @@ def test_sizes_asked_together_are_retried_in_rounds():
     assert len(flaky.rounds) == 3
 
 
+def test_sizes_asked_together_count_their_budget_from_the_request():
+    """The retry timeout of an object asked together counts from the start of the round that
+    asked it, not from when its failure was seen: a remote that takes 0.6 s to fail each round
+    of requests gives up at the 2nd failure with a 1 s retry timeout, not at the 3rd."""
+    from regfs import backends
+    from regfs.dvcconfig import RemoteSpec
+    from regfs.remotes import Remote, RequestSlots, RetryPolicy
+
+    class Slow(backends.Backend):
+        asks_together = True
+
+        def sizes(self, paths, at_once):
+            time.sleep(0.6)
+            return [backends.HTTPStatus(503, "Service Unavailable") for _ in paths]
+
+    policy = RetryPolicy(retries=10, retry_timeout=1.0, first_delay=0.01, max_delay=0.02)
+    remote = Remote(RemoteSpec("store", "/r"), Slow(), "/r", policy, RequestSlots())
+    with pytest.raises(RemoteError, match="gave up after 2 failed attempts"):
+        remote.sizes(["00/" + "0" * 30])
+
+
 def test_getattr_into_writes_what_getattr_answers():
     """libfuse's stat structure filled from a kept copy per kind, exec bit and mtime, then the
     size: field for field what mfusepy makes of `getattr`'s dict, whatever came before it."""
