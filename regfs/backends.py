@@ -16,7 +16,8 @@ aiohttp session and event loop of fsspec's HTTPFileSystem, whose own `info` and 
 used: `info` reports any failed HEAD as a missing file (a 503 would become ENOENT), and `cat_file`
 takes whatever body a Range request gets back. Its GETs are streamed, `PIECE` bytes at a time, so
 a download needs no buffer of a whole range. An HTTP remote cannot be listed (as for DVC), so its
-sizes come from HEAD requests.
+sizes come from HEAD requests, or from GETs of an object's first bytes where the caller would take
+small objects whole (`Backend.sizes`: a server answers those as cheaply as a HEAD).
 
 botocore's DEBUG log prints every request's headers, S3 session tokens included, and its signing
 steps: its loggers are held at INFO, so that `--debug` shows regfs's own detail and no credential.
@@ -58,6 +59,14 @@ class NotAsked(Exception):
 
 
 NOT_ASKED = NotAsked("not asked: an earlier request failed for good")
+
+
+@dataclass(frozen=True)
+class Whole:
+    """A size answer that brought the whole object along (`Backend.sizes` with `whole`)."""
+
+    size: int
+    body: bytes
 
 
 class Fault(Exception):
@@ -114,12 +123,13 @@ class Backend:
     def size(self, path: str | Version) -> int | None:
         raise NotImplementedError
 
-    def sizes(self, paths: list[str], at_once: int) -> list[int | None | BaseException]:
+    def sizes(self, paths: list[str], at_once: int, whole: int = 0) -> list[int | Whole | None | BaseException]:
         """`size` of each path, `at_once` requests at a time (if `asks_together`), each answer in
         its place: the size, None (missing), or what its request raised. No request is sent after
         one failed for good (not `transient`), nor after `at_once` failed at all (a remote that
         stalls would hold the call for a timeout per `at_once` of them): those not sent answer
-        `NOT_ASKED`."""
+        `NOT_ASKED`. With `whole`, an object of at most `whole` bytes may be answered with its
+        bytes (`Whole`), where asking for them costs no more than asking for its size."""
         raise NotImplementedError
 
     def read(self, path: str | Version, start: int, end: int) -> bytes:
@@ -281,15 +291,16 @@ class HTTPBackend(Backend):
         finally:
             fsspec.asyn.sync(loop, _finish, response, left == 0)
 
-    def sizes(self, paths: list[str], at_once: int) -> list[int | None | BaseException]:
+    def sizes(self, paths: list[str], at_once: int, whole: int = 0) -> list[int | Whole | None | BaseException]:
         failures: list[BaseException] = []
 
-        async def size(path: str, gate: asyncio.Semaphore) -> int | None | BaseException:
+        async def size(path: str, gate: asyncio.Semaphore) -> int | Whole | None | BaseException:
             async with gate:
                 if len(failures) >= at_once or any(not transient(failure) for failure in failures):
                     return NOT_ASKED
                 try:
-                    return await self._head(_unversioned(path))
+                    url = _unversioned(path)
+                    return await (self._size_by_get(url, whole) if whole else self._head(url))
                 except Exception as exc:  # noqa: BLE001 - answered in its place, see Backend.sizes
                     failures.append(exc)
                     return exc
@@ -310,6 +321,33 @@ class HTTPBackend(Backend):
             if not length.isdigit():
                 raise Fault("the server's HEAD answer gives no Content-Length")
             return int(length)
+
+    async def _size_by_get(self, url: str, limit: int) -> int | Whole | None:
+        """The size from a GET of the first `limit` bytes, with the object's bytes if it has no
+        more. A larger object's first bytes are read and dropped (closing the connection would cost
+        more), unless the server ignored the range: then the connection is closed. An answer that
+        gives no size (416 for an empty object, no Content-Range) is followed by a HEAD."""
+        session = await self._fs.set_session()
+        headers = {**_IDENTITY, "Range": f"bytes=0-{limit - 1}"}
+        async with session.get(url, headers=headers) as response:
+            if response.status == 404:
+                return None
+            size = None
+            if response.status != 416:
+                _check_status(response)
+                size = _total_size(response)
+            if size is not None and size <= limit:
+                body = await _read_up_to(response, size + 1)  # one more: a longer body is no answer
+                if len(body) == size:
+                    return Whole(size, body)
+                response.close()
+                raise ShortBody(f"{len(body)} bytes of a {size}-byte object") if len(body) < size else \
+                    Fault(f"more than the {size} bytes the server said the object has")
+            if response.status == 206 and len(await _read_up_to(response, limit + 1)) <= limit:
+                response.release()
+            else:
+                response.close()
+        return size if size is not None else await self._head(url)
 
     async def _get_piece(self, url: str, start: int, end: int) -> bytes:
         """Bytes `start` to `end` (or fewer, if the body ends early), in one piece."""
@@ -358,12 +396,32 @@ async def _read_some(response: aiohttp.ClientResponse, size: int) -> bytes:
     return b"".join(pieces)
 
 
+async def _read_up_to(response: aiohttp.ClientResponse, size: int) -> bytes:
+    """The body, or its first `size` bytes if it is longer."""
+    pieces, count = [], 0
+    while count < size and (piece := await response.content.read(size - count)):
+        pieces.append(piece)
+        count += len(piece)
+    return b"".join(pieces)
+
+
 async def _finish(response: aiohttp.ClientResponse, complete: bool) -> None:
     """Give the connection back for reuse, or close it if its body was not read to the end."""
     if complete:
         response.release()
     else:
         response.close()
+
+
+def _total_size(response: aiohttp.ClientResponse) -> int | None:
+    """The object's size as the answer to a GET from its first byte gives it (None if it does not)."""
+    if response.status == 206:
+        span, _, total = response.headers.get("Content-Range", "").removeprefix("bytes ").partition("/")
+        if not span.startswith("0-"):
+            raise Fault(f"asked for bytes from 0, the server sent the range {span or '?'}")
+        return int(total) if total.isdigit() else None
+    length = response.headers.get("Content-Length", "")
+    return int(length) if length.isdigit() else None
 
 
 def _unversioned(path: str | Version) -> str:

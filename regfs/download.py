@@ -82,6 +82,12 @@ class Download:
                                            HEAD_START)
         self._hash(writer)
 
+    def take(self, writer: ObjectWriter, body: bytes) -> None:
+        """Fill from bytes already here: the whole object came with its size (`Fetcher.keep`)."""
+        with self._changed:
+            self.size, self.fetched = len(body), True
+        writer.append(body, 0)
+
     def finish(self, path: str | None, error: BaseException | None) -> None:
         """The end: the object's cache path, or why it failed (for every waiter, and later ones).
         The `when_finished` callbacks run in a thread of their own: never in a FUSE request's."""

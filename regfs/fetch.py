@@ -33,6 +33,19 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_MEMO_BYTES = 128 << 20
 PACKED_MIN_ENTRIES = 1000  # smaller manifests parse in a few ms: no packed copy for them
+WHOLE_ENTRY = 64 << 10  # see whole_limit
+WHOLE_OUTPUT = 256 << 20
+
+
+def whole_limit(total: int | None, entries: int) -> int:
+    """How large an entry of a directory output of `total` bytes (as its metafile says) and
+    `entries` files may be to come whole with its size (`Fetcher.fill_sizes`), or 0: only the
+    entries of an output of small files (`WHOLE_ENTRY` on average, `WHOLE_OUTPUT` in all) do.
+    Over HTTP each entry's size costs a request anyway (it cannot be listed), and a GET of
+    `WHOLE_ENTRY` bytes costs the server what a HEAD does: the files are then cached at no more
+    requests, before their reads; in all, at most the output's size."""
+    small = total is not None and total <= WHOLE_OUTPUT and total <= WHOLE_ENTRY * entries
+    return WHOLE_ENTRY if small else 0
 
 
 class Fetcher:
@@ -90,11 +103,13 @@ class Fetcher:
         except RegfsError as exc:  # its readers get it (and the FUSE layer logs it), now or later
             logger.debug("streamed download of %s failed: %s", download.ref.object_id, exc)
 
-    def _run(self, download: Download, remote: Remote, streamed: bool = False) -> str:
-        """Run a registered download to its end, whatever the end, and tell its waiters."""
+    def _run(self, download: Download, remote: Remote, streamed: bool = False, body: bytes | None = None) -> str:
+        """Run a registered download to its end, whatever the end, and tell its waiters (`body`:
+        the object's bytes, already here)."""
         ref, started, path, error = download.ref, time.monotonic(), None, None
+        fill = download.fill if body is None else lambda writer, _: download.take(writer, body)
         try:
-            path = self.cache.install(ref, lambda writer: download.fill(writer, remote))
+            path = self.cache.install(ref, lambda writer: fill(writer, remote))
         except IntegrityError as exc:
             self.stats.remote_failed(remote.describe())
             error = IntegrityError(f"{exc} (downloaded from {remote.describe()}); nothing was cached")
@@ -122,6 +137,19 @@ class Fetcher:
             logger.info("fetched %s (%d bytes) from %s in %.2fs", ref.object_id, download.size,
                         remote.describe(), seconds)
         return path
+
+    def keep(self, ref: ObjectRef, body: bytes, remote: Remote) -> None:
+        """Cache an object whose bytes came with its size (`Remote.sizes` with `whole`), unless
+        it is being downloaded already. A failure is only logged: a read fetches it again."""
+        download, started = self._download(ref, len(body))
+        if not started:
+            return
+        try:
+            self._run(download, remote, body=body)
+        except RegfsError as exc:
+            logger.warning("%s; a read will fetch it again", exc)
+        else:
+            self.stats.add("fetched_with_size")
 
     def _streamed_wrong_bytes(self, ref: ObjectRef, error: IntegrityError) -> None:
         """One line about it, before any reader hears of it: readers that fail on it add none."""
@@ -164,11 +192,14 @@ class Fetcher:
                            ref.object_id, exc)
             return None
 
-    def fill_sizes(self, ref: ObjectRef, manifest: Manifest, remote_of: Callable[[], Remote]) -> None:
+    def fill_sizes(self, ref: ObjectRef, manifest: Manifest, remote_of: Callable[[], Remote],
+                   whole: int = 0) -> None:
         """Sizes for the entries of the manifest `ref` that have none: all at once from the record
         kept when they were last all known (one index row, not one per entry), else from `sizes`,
         then kept as such a record if all are known. A record that is not exactly this manifest's
-        is ignored, and replaced. Raises what `sizes` raises (the remote cannot be asked)."""
+        is ignored, and replaced. Raises what `sizes` raises (the remote cannot be asked).
+        `whole`: entries up to that size are cached with their sizes where that costs the remote
+        no more requests (see `whole_limit`)."""
         if manifest.sizes_known():
             return
         record = self.cache.sizes.manifest_sizes(ref.relpath)
@@ -182,14 +213,15 @@ class Fetcher:
 
         def sizes_of(object_ids: list[str]) -> dict[str, int]:
             refs = [ObjectRef(object_id, ref.hash_name) for object_id in object_ids]
-            return {entry_ref.object_id: size for entry_ref, size in self.sizes(refs, remote_of).items()}
+            return {entry_ref.object_id: size for entry_ref, size in self.sizes(refs, remote_of, whole).items()}
 
         manifest.fill_sizes(sizes_of)
         if manifest.sizes_known():
             self.cache.sizes.put_manifest_sizes(ref.relpath, manifest.sizes_record(ref.relpath))
 
-    def sizes(self, refs: list[ObjectRef], remote_of: Callable[[], Remote]) -> dict[ObjectRef, int]:
-        """Sizes known to the index, the cache or the remote; missing objects are left out."""
+    def sizes(self, refs: list[ObjectRef], remote_of: Callable[[], Remote], whole: int = 0) -> dict[ObjectRef, int]:
+        """Sizes known to the index, the cache or the remote; missing objects are left out.
+        `whole`: objects up to that size may be cached as their sizes are learned (see `fill_sizes`)."""
         found = self.cache.sizes.get_many(refs)
         learned = {}
         for ref in refs:
@@ -197,8 +229,9 @@ class Fetcher:
                 learned[ref] = size
         missing = [ref for ref in refs if ref not in found and ref not in learned]
         if missing:
-            by_path = {ref.relpath: ref for ref in missing}
-            for relpath, size in remote_of().sizes(list(by_path)).items():
+            by_path, remote = {ref.relpath: ref for ref in missing}, remote_of()
+            keep = (lambda relpath, body: self.keep(by_path[relpath], body, remote)) if whole else None
+            for relpath, size in remote.sizes(list(by_path), whole, keep).items():
                 learned[by_path[relpath]] = size
         self.cache.sizes.put_many(learned)
         return {**found, **learned}
@@ -266,8 +299,8 @@ class ObjectStore:
     def manifest(self, ref: ObjectRef) -> Manifest:
         return self._fetcher.manifest(ref, self.remote)
 
-    def fill_sizes(self, ref: ObjectRef, manifest: Manifest) -> None:
-        self._fetcher.fill_sizes(ref, manifest, self.remote)
+    def fill_sizes(self, ref: ObjectRef, manifest: Manifest, whole: int = 0) -> None:
+        self._fetcher.fill_sizes(ref, manifest, self.remote, whole)
 
     def sizes(self, refs: list[ObjectRef]) -> dict[ObjectRef, int]:
         return self._fetcher.sizes(refs, self.remote)

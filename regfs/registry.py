@@ -45,7 +45,7 @@ from regfs.errors import (
     RevisionNotFound,
     SourceError,
 )
-from regfs.fetch import Fetcher, ObjectStore
+from regfs.fetch import Fetcher, ObjectStore, whole_limit
 from regfs.files import OpenFiles
 from regfs.git import Mirror
 from regfs.manifest import Manifest
@@ -93,6 +93,7 @@ class Context:
         self.shared_group = shared_group
         self.cache = ObjectCache(cache_dir, shared_group)
         self.fetcher = Fetcher(self.cache)
+        self.reads_ahead = dir_readahead > 0
         workers = min(readahead.WORKERS, max(1, max_requests // 2))  # the other half is for readers
         self.files = OpenFiles(stream=stream, readahead=readahead.ReadAhead(dir_readahead, workers))
         self.request_slots = RequestSlots(max_requests)
@@ -264,9 +265,10 @@ class Registry:
             if versioned is not None:
                 store.locate(ref, Location(output.path, _version(output.versions, versioned)))
             return ObjectNode(ref, store, output.size, output.is_exec)
-        return OutputDirNode(lambda: self._dir_children(ref, store, output.path), output.path, ref, store)
+        return OutputDirNode(lambda: self._dir_children(ref, store, output.path, output.size), output.path, ref,
+                             store)
 
-    def _dir_children(self, ref: ObjectRef, store: ObjectStore, path: str) -> Mapping[str, Node]:
+    def _dir_children(self, ref: ObjectRef, store: ObjectStore, path: str, total: int | None) -> Mapping[str, Node]:
         try:
             manifest = store.manifest(ref)
         except MetafileError as exc:
@@ -274,8 +276,10 @@ class Registry:
             exc.reported = True
             raise
 
+        # An output of small files may have them fetched with their sizes (read-ahead: not with it off).
+        whole = whole_limit(total, len(manifest)) if self.context.reads_ahead else 0
         try:
-            store.fill_sizes(ref, manifest)
+            store.fill_sizes(ref, manifest, whole)
         except (RemoteError, ConfigError) as exc:
             # The remote cannot be asked (offline, say): each entry learns its size when stat'ed,
             # from the cache if it is there; only the others fail then, not the whole directory.

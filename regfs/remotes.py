@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 _LIST_THRESHOLD = 8  # objects wanted below one prefix dir before a listing beats HEAD requests
 _SIZE_THREADS = 8  # requests for sizes at once, per call
 _TOGETHER = 1024  # sizes asked of a backend in one call, at most (`Backend.sizes`)
+_WHOLE_BYTES = 16 << 20  # of the objects a call may bring whole, at most
 _SAMPLE_MIN = 16  # objects wanted before a listing of one prefix dir decides how to ask for the rest
 
 
@@ -271,11 +272,15 @@ class Remote:
             text = text.replace(secret, "***")
         return text
 
-    def sizes(self, relpaths: list[str]) -> dict[str, int]:
+    def sizes(self, relpaths: list[str], whole: int = 0,
+              keep: Callable[[str, bytes], None] | None = None) -> dict[str, int]:
         """Sizes of the objects that exist; missing ones are left out.
 
         One request per object (HEAD, stat), or listings of the prefix directories (`ab/` of
-        `files/md5/ab/cd...`) that hold them, whichever asks less: see `_listings`."""
+        `files/md5/ab/cd...`) that hold them, whichever asks less: see `_listings`. With `whole`
+        and `keep`, a remote that asks for sizes together (HTTP) GETs the first `whole` bytes of
+        each object instead of a HEAD, and hands the objects no bigger to `keep(relpath, bytes)`,
+        in this thread."""
         by_dir: dict[str | None, list[str]] = {}  # None: objects of a cloud-versioned remote, one by one
         for relpath in relpaths:
             by_dir.setdefault(None if self._location(relpath) else posixpath.dirname(relpath), []).append(relpath)
@@ -296,7 +301,7 @@ class Remote:
             jobs = [pool.submit(self._listed_sizes, tree, under[tree], failed, True) for tree in trees]
             jobs += [pool.submit(self._listed_sizes, d, by_dir[d], failed) for d in listed]
             if self._backend.asks_together and single:
-                jobs.append(pool.submit(self._sizes_together, single))
+                jobs.append(pool.submit(self._sizes_together, single, whole if keep else 0, keep))
             else:
                 jobs += [pool.submit(self._sizes_one_by_one, single[i:i + batch], failed)
                          for i in range(0, len(single), batch)]
@@ -355,20 +360,23 @@ class Remote:
                 raise
         return found
 
-    def _sizes_together(self, relpaths: list[str]) -> dict[str, int]:
+    def _sizes_together(self, relpaths: list[str], whole: int = 0,
+                        keep: Callable[[str, bytes], None] | None = None) -> dict[str, int]:
         """Sizes asked for `_SIZE_THREADS` at a time by the backend itself (`Backend.sizes`: one
         trip to its event loop for many requests, instead of a thread's trip per request), while
         this thread holds as many request slots. Objects whose request failed are asked again
         together after the longest of their waits, each within its own retry budget, with those
         the backend did not ask (it stops after a refusal, which raises here, or after as many
-        failures as requests at once)."""
+        failures as requests at once). Objects that came whole (`whole`) go to `keep` after
+        their call: fewer to a call then, so that their bytes in memory stay a few MiB."""
         found: dict[str, int] = {}
-        for begin in range(0, len(relpaths), _TOGETHER):
-            pending, budgets = relpaths[begin:begin + _TOGETHER], {}
+        together = _TOGETHER if not whole else max(1, _WHOLE_BYTES // whole)
+        for begin in range(0, len(relpaths), together):
+            pending, budgets = relpaths[begin:begin + together], {}
             while pending:
                 started = time.monotonic()  # of the requests of this round, for their retry budgets
                 with self._slots.many(_SIZE_THREADS) as at_once:
-                    answers = self._backend.sizes([self._path(relpath) for relpath in pending], at_once)
+                    answers = self._backend.sizes([self._path(relpath) for relpath in pending], at_once, whole)
                 final = next(((relpath, answer) for relpath, answer in zip(pending, answers)
                               if isinstance(answer, backends.ERRORS) and not backends.transient(answer)), None)
                 if final is not None:  # the backend sent nothing after it (those answer NOT_ASKED)
@@ -385,6 +393,9 @@ class Remote:
                         attempts = budgets[relpath]
                         wait = max(wait, self._failure(attempts, relpath, answer))
                         again.append(relpath)
+                    elif isinstance(answer, backends.Whole):
+                        found[relpath] = answer.size
+                        keep(relpath, answer.body)
                     elif answer is not None:
                         found[relpath] = answer
                 time.sleep(wait)

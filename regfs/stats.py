@@ -14,7 +14,8 @@ class Stats:
         self._lock = threading.Lock()
         self._started = time.time()
         self._counts = {"objects_fetched": 0, "bytes_fetched": 0, "cache_hits": 0, "cache_misses": 0,
-                        "readahead_fetches": 0, "bytes_served": 0, "reads": 0, "errors": 0}
+                        "readahead_fetches": 0, "fetched_with_size": 0, "bytes_served": 0, "reads": 0,
+                        "errors": 0}
         self._remotes: dict[str, dict] = {}
 
     def add(self, name: str, amount: int = 1) -> None:

@@ -4,7 +4,7 @@ basic authentication (stdlib, one thread per connection, HTTP/1.1 keep-alive).
 It serves a directory, over HTTP or HTTPS (`self_signed_tls`), typically a local DVC remote that
 `dvc push` filled, so the same objects are read over HTTP by `dvc pull` (the oracle) and by regfs.
 Only `bytes=A-B`, `bytes=A-` and `bytes=-N` single ranges are understood; other Range headers get
-the whole file, as RFC 9110 allows. Nothing outside the directory is ever served.
+the whole file, as RFC 9110 allows (and every one does with `ranges=False`). Nothing outside the directory is ever served.
 """
 
 from __future__ import annotations
@@ -52,9 +52,10 @@ class HTTPRemoteServer(BackgroundServer):
     """`server = HTTPRemoteServer(directory, credentials=("user", "pw")).start()`; `server.url`."""
 
     def __init__(self, directory: Path, credentials: tuple[str, str] | None = None,
-                 tls: ssl.SSLContext | None = None):
+                 tls: ssl.SSLContext | None = None, ranges: bool = True):
         self.directory = Path(directory).resolve()
         self.credentials = credentials
+        self.ranges = ranges  # False: Range headers are ignored (whole files, 200), as RFC 9110 allows
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         super().__init__(_handler_for(self), tls)
 
@@ -95,7 +96,7 @@ def _handler_for(server: HTTPRemoteServer) -> type[http.server.BaseHTTPRequestHa
             size = path.stat().st_size
             start, end = 0, size
             status = 200
-            requested = _RANGE.match(self.headers.get("Range", ""))
+            requested = _RANGE.match(self.headers.get("Range", "")) if server.ranges else None
             if requested and any(requested.groups()):
                 first, last = requested.groups()
                 if first:

@@ -3,7 +3,8 @@ no request it can do without, parallel parts under a cap on requests in flight, 
 keep serving while downloads stall, and `--stream`.
 
 One registry serves the module: a directory output of small files, three objects of two or three
-parts (regfs.download.PART), and a directory of small files for the stalls. Bytes are always
+parts (regfs.download.PART), a directory of small files for the stalls, and one of tiny files
+(fetched as their sizes are asked). Bytes are always
 compared with DVC's (`dvc pull` of the same objects over HTTP); requests are counted at the proxy.
 """
 
@@ -24,13 +25,18 @@ from pathlib import Path
 import pytest
 
 from regfs.download import PART
+from regfs.fetch import WHOLE_ENTRY
 from tests.faultproxy import FaultProxy, ProxyRequest, registry_behind_proxy
 from tests.mounting import read_in_child
 from tests.registry import Registry, random_bytes
 from tests.trees import Snapshot, md5_hex, object_path, snapshot
 
-SMALL = {f"dir/{number:02}.bin": random_bytes(500 + number, 1000 + 997 * number) for number in range(24)}
-STALLED = {f"stall/{number:02}.bin": random_bytes(700 + number, 5000 + number) for number in range(12)}
+# dir/ and stall/ average more than WHOLE_ENTRY per file: their listings ask sizes only (HEADs), and
+# their files are fetched by reads and read-ahead. tiny/ is an output of small files: its listing
+# over HTTP fetches them (regfs.fetch.whole_limit).
+SMALL = {f"dir/{number:02}.bin": random_bytes(500 + number, WHOLE_ENTRY + 997 * number) for number in range(24)}
+STALLED = {f"stall/{number:02}.bin": random_bytes(700 + number, WHOLE_ENTRY + 5000 + number) for number in range(12)}
+TINY = {f"tiny/{number:02}.bin": random_bytes(800 + number, 1000 + 997 * number) for number in range(24)}
 LARGE = {"big.bin": random_bytes(600, 2 * PART + (3 << 20)),  # three parts
          "streamed.bin": random_bytes(601, PART + (3 << 20)), "corrupt.bin": random_bytes(602, PART + 5000)}
 CAT = "import sys; sys.stdout.buffer.write(open(sys.argv[1], 'rb').read())"
@@ -60,9 +66,9 @@ class Web:
 @pytest.fixture(scope="module")
 def web(tools, oracle, tmp_path_factory):
     def fill(registry: Registry) -> None:
-        for relpath, data in {**SMALL, **STALLED, **LARGE}.items():
+        for relpath, data in {**SMALL, **STALLED, **TINY, **LARGE}.items():
             registry.write(relpath, data)
-        registry.add("dir", "stall", *LARGE)
+        registry.add("dir", "stall", "tiny", *LARGE)
 
     parent = tmp_path_factory.mktemp("engine")
     with registry_behind_proxy(tools, parent, fill) as (registry, proxy):
@@ -266,3 +272,63 @@ def test_no_read_ahead_out_of_order_or_when_off(web, proxy, mount, order, option
     for relpath in chosen:
         assert (mounted / relpath).read_bytes() == web.data(relpath)
     assert wait_for_gets(web, proxy, names) == set(chosen)
+
+
+def test_listing_an_output_of_tiny_files_fetches_them_with_their_sizes(web, proxy, mount, regfs_cli, tmp_path):
+    """Over HTTP each entry's size costs a request (no listings): in an output of small files that
+    request is a GET of the first WHOLE_ENTRY bytes instead of a HEAD, and it brings the file
+    whole. `ls -l` of tiny/ makes exactly one such GET per file and no HEAD, and leaves every file
+    cached; a `cp -r` then asks the remote nothing, and gets DVC's bytes."""
+    mounted = web.mount(mount)
+    sizes = {entry.name: entry.stat().st_size for entry in os.scandir(mounted / "tiny")}
+    assert sizes == {relpath.removeprefix("tiny/"): len(data) for relpath, data in TINY.items()}
+    for relpath, data in TINY.items():
+        assert [request.range for request in web.requests(relpath)] == [f"bytes=0-{WHOLE_ENTRY - 1}"], relpath
+        assert not web.requests(relpath, "HEAD"), relpath
+        assert object_path(mounted.cache_dir, md5_hex(data)).read_bytes() == data
+    stats = json.loads(regfs_cli("stats", "--json", mounted.path).stdout)
+    assert stats["fetched_with_size"] == len(TINY) == stats["objects_fetched"] - 1, stats  # and the manifest
+
+    before = len(proxy.requests)
+    shutil.copytree(mounted / "tiny", tmp_path / "copy")
+    assert snapshot(tmp_path / "copy") == files_below(web.expected, "tiny/")
+    assert proxy.requests[before:] == []
+
+
+def test_with_read_ahead_off_a_listing_fetches_nothing(web, proxy, mount):
+    """`--dir-readahead 0` fetches only what reads ask for: the listing of tiny/ is a HEAD per
+    file, and nothing is cached before a read."""
+    mounted = web.mount(mount, "--dir-readahead", "0")
+    sizes = {entry.name: entry.stat().st_size for entry in os.scandir(mounted / "tiny")}
+    assert sizes == {relpath.removeprefix("tiny/"): len(data) for relpath, data in TINY.items()}
+    for relpath, data in TINY.items():
+        assert not web.requests(relpath) and len(web.requests(relpath, "HEAD")) == 1, relpath
+        assert not object_path(mounted.cache_dir, md5_hex(data)).exists()
+    assert (mounted / "tiny/03.bin").read_bytes() == TINY["tiny/03.bin"]
+
+
+def test_a_corrupt_tiny_file_is_not_cached_by_the_listing(web, proxy, mount):
+    """A tiny file whose remote copy is corrupt (same size): the listing still gives every size and
+    caches the other files, not that one; one warning names it; its read fails with EIO, as any
+    read of a corrupt object does. The remote repaired, it reads DVC's bytes."""
+    relpath = "tiny/05.bin"
+    data, object_id = TINY[relpath], md5_hex(TINY[relpath])
+    stored = object_path(web.store, object_id)
+    stored.chmod(0o644)
+    stored.write_bytes(bytes(byte ^ 0x5A for byte in data[:100]) + data[100:])
+    try:
+        mounted = web.mount(mount, expect_errors=object_id)
+        sizes = {entry.name: entry.stat().st_size for entry in os.scandir(mounted / "tiny")}
+        assert sizes == {name.removeprefix("tiny/"): len(content) for name, content in TINY.items()}
+        for name, content in TINY.items():
+            assert object_path(mounted.cache_dir, md5_hex(content)).exists() == (name != relpath), name
+        (warning,) = [line for line in mounted.log_text().splitlines() if "WARNING" in line and object_id in line]
+        assert "corrupt" in warning and "a read will fetch it again" in warning, warning
+        assert read_in_child(mounted / relpath, HANG).errno == errno.EIO
+        assert not list((mounted.cache_dir / "regfs" / "tmp").iterdir())
+    finally:
+        stored.write_bytes(data)
+    deadline = time.monotonic() + HANG
+    while (outcome := read_in_child(mounted / relpath, HANG)).data is None and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert outcome.data == data

@@ -234,12 +234,14 @@ def test_a_broken_range_is_resumed_from_the_bytes_delivered(case, fault):
 
 def test_sizes_of_a_directory_output_are_retried(case):
     """`stat` in a directory output fetches its manifest, then asks the remote for the sizes of the
-    entries (HEAD requests, for HTTP and for a few S3 objects). A remote that keeps answering 503
-    to those gives EIO; once it recovers, a single 503 is retried."""
+    entries (HEAD requests for a few S3 objects; for HTTP, GETs of their first bytes, as the
+    entries are small, then a HEAD for the entry stat'ed). A remote that keeps answering 503 to
+    those gives EIO; once it recovers, a single 503 is retried."""
     def entries(request) -> bool:
         return not request.path.endswith(".dir")
 
-    case.proxy.inject("503", methods=("HEAD",), match=entries)
+    methods = ("HEAD", "GET") if case.kind == "http" else ("HEAD",)
+    case.proxy.inject("503", methods=methods, match=entries)
     with pytest.raises(OSError) as failed:
         (case / "dir" / "a.bin").stat()
     assert failed.value.errno == errno.EIO
@@ -253,7 +255,7 @@ def test_sizes_of_a_directory_output_are_retried(case):
     assert len(refused) in (RETRIES + 1, 2 * (RETRIES + 1)), refused
 
     case.proxy.clear()
-    case.proxy.inject("503", times=1, methods=("HEAD",), match=entries)
+    case.proxy.inject("503", times=1, methods=methods, match=entries)
     before = len(case.proxy.faulted("503"))
     assert (case / "dir" / "a.bin").stat().st_size == len(FILES["dir/a.bin"])
     assert len(case.proxy.faulted("503")) == before + 1

@@ -845,6 +845,37 @@ def test_sizes_over_http_are_asked_together(tmp_path):
         server.stop()
 
 
+@pytest.mark.parametrize("ranges", [True, False], ids=["ranges", "no-ranges"])
+def test_sizes_over_http_may_bring_small_objects_whole(tmp_path, ranges):
+    """Asked with `whole`, an HTTP remote's sizes are GETs of each object's first `whole` bytes: an
+    object no bigger comes whole (handed to `keep`, exactly its bytes), a bigger one gives its
+    size only, an empty one its size from a HEAD (a range of it is unsatisfiable: 416), a missing
+    one nothing. A server that ignores Range answers with whole objects: the small ones are kept
+    the same, an empty one too."""
+    from regfs.dvcconfig import RemoteSpec
+    from regfs.remotes import open_remote
+    from tests.httpserver import HTTPRemoteServer
+
+    limit = 1 << 16
+    sizes = {f"{index:02x}/{index:030x}": size for index, size in enumerate([0, 1, 5000, limit, limit + 1, 3 << 20])}
+    contents = {relpath: os.urandom(size) for relpath, size in sizes.items()}
+    for relpath, data in contents.items():
+        (tmp_path / relpath).parent.mkdir(exist_ok=True)
+        (tmp_path / relpath).write_bytes(data)
+    server = HTTPRemoteServer(tmp_path, ranges=ranges).start()
+    try:
+        remote = open_remote(RemoteSpec("web", server.url, {"retries": "0"}))
+        kept: dict[str, bytes] = {}
+        found = remote.sizes([*sizes, "ff/" + "e" * 30], limit, lambda relpath, body: kept.setdefault(relpath, body))
+        assert found == sizes
+        assert kept == {relpath: data for relpath, data in contents.items()
+                        if len(data) <= limit and (data or not ranges)}
+        methods = sorted(method for method, _, _ in server.requests)
+        assert methods == ["GET"] * (len(sizes) + 1) + ["HEAD"] * ranges, server.requests
+    finally:
+        server.stop()
+
+
 def test_sizes_asked_together_are_retried_in_rounds():
     """Objects whose size request failed (transiently) are asked again together, each within its
     own retry budget; one that keeps failing ends the call once its budget is spent."""
@@ -859,7 +890,7 @@ def test_sizes_asked_together_are_retried_in_rounds():
             self.rounds: list[list[str]] = []
             self._failing = failing  # path -> failed answers before a good one
 
-        def sizes(self, paths, at_once):
+        def sizes(self, paths, at_once, whole=0):
             assert at_once == 8
             self.rounds.append(paths)
             answers = []
@@ -896,7 +927,7 @@ def test_sizes_asked_together_count_their_budget_from_the_request():
     class Slow(backends.Backend):
         asks_together = True
 
-        def sizes(self, paths, at_once):
+        def sizes(self, paths, at_once, whole=0):
             time.sleep(0.6)
             return [backends.HTTPStatus(503, "Service Unavailable") for _ in paths]
 
