@@ -52,10 +52,11 @@ class HTTPRemoteServer(BackgroundServer):
     """`server = HTTPRemoteServer(directory, credentials=("user", "pw")).start()`; `server.url`."""
 
     def __init__(self, directory: Path, credentials: tuple[str, str] | None = None,
-                 tls: ssl.SSLContext | None = None, ranges: bool = True):
+                 tls: ssl.SSLContext | None = None, ranges: bool = True, range_cap: int | None = None):
         self.directory = Path(directory).resolve()
         self.credentials = credentials
         self.ranges = ranges  # False: Range headers are ignored (whole files, 200), as RFC 9110 allows
+        self.range_cap = range_cap  # at most this many bytes of a range (the rest is asked again)
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         super().__init__(_handler_for(self), tls)
 
@@ -106,6 +107,8 @@ def _handler_for(server: HTTPRemoteServer) -> type[http.server.BaseHTTPRequestHa
                 if start >= size or start >= end:
                     self._status(416, {"Content-Range": f"bytes */{size}"})
                     return
+                if server.range_cap is not None:
+                    end = min(end, start + server.range_cap)
                 status = 206
             self.send_response(status)
             self.send_header("Content-Length", str(end - start))

@@ -845,14 +845,16 @@ def test_sizes_over_http_are_asked_together(tmp_path):
         server.stop()
 
 
-@pytest.mark.parametrize("ranges", [True, False], ids=["ranges", "no-ranges"])
-def test_sizes_over_http_may_bring_small_objects_whole(tmp_path, ranges):
+@pytest.mark.parametrize("ranges, cap", [(True, None), (False, None), (True, 4096)],
+                         ids=["ranges", "no-ranges", "capped-ranges"])
+def test_sizes_over_http_may_bring_small_objects_whole(tmp_path, ranges, cap):
     """Asked with `whole`, an HTTP remote's sizes are GETs of each object's first `whole` bytes: an
     object no bigger comes whole (handed to `keep`, exactly its bytes), a bigger one gives its
     size only, an empty one its size from a HEAD (a range of it is unsatisfiable: 416), a missing
     one nothing. A server that ignores Range answers with whole objects: the small ones are kept
-    the same, an empty one too. Objects that may come whole are asked a few hundred per call (their
-    bytes are held until the call ends): 300 more cross that line."""
+    the same, an empty one too; one that sends less of a range than asked (4 KiB here) gives the
+    sizes and the objects that fit. Objects that may come whole are asked a few hundred per call
+    (their bytes are held until the call ends): 300 more cross that line."""
     from regfs.dvcconfig import RemoteSpec
     from regfs.remotes import open_remote
     from tests.httpserver import HTTPRemoteServer
@@ -864,14 +866,14 @@ def test_sizes_over_http_may_bring_small_objects_whole(tmp_path, ranges):
     for relpath, data in contents.items():
         (tmp_path / relpath).parent.mkdir(exist_ok=True)
         (tmp_path / relpath).write_bytes(data)
-    server = HTTPRemoteServer(tmp_path, ranges=ranges).start()
+    server = HTTPRemoteServer(tmp_path, ranges=ranges, range_cap=cap).start()
     try:
         remote = open_remote(RemoteSpec("web", server.url, {"retries": "0"}))
         kept: dict[str, bytes] = {}
         found = remote.sizes([*sizes, "ff/" + "e" * 30], limit, lambda relpath, body: kept.setdefault(relpath, body))
         assert found == sizes
         assert kept == {relpath: data for relpath, data in contents.items()
-                        if len(data) <= limit and (data or not ranges)}
+                        if len(data) <= min(limit, cap or limit) and (data or not ranges)}
         methods = sorted(method for method, _, _ in server.requests)
         assert methods == ["GET"] * (len(sizes) + 1) + ["HEAD"] * ranges, server.requests
     finally:
