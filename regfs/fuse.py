@@ -67,11 +67,6 @@ MAX_BACKGROUND = 64
 # it before answering INIT) and the max_readahead of INIT's answer (set here). At 128 KiB a first
 # read of a big file costs a daemon round trip per 128 KiB: 1 MiB gave about 1.5x its throughput.
 READAHEAD_KIB = 1024
-# The block size directories report. glibc's opendir sizes its getdents buffer from it (32 KiB by
-# default, 1 MiB at most), and the kernel asks FUSE for a buffer's worth of entries per request: an
-# `ls -l` of 100k entries then takes 18 requests instead of about 500, each a round trip between the
-# reader and the daemon (about 0.2 s of its 1.2-1.4 s here). Files keep the kernel's default.
-DIR_BLOCK_SIZE = 1 << 20
 MAX_THREADS = 64
 _ROOT_INODE = 1  # FUSE_ROOT_ID: the high-level API numbers the root 1, as the kernel does
 
@@ -239,12 +234,9 @@ class Operations(mfusepy.Operations):
         else:
             mode, nlink = stat.S_IFREG | (0o555 if attr.is_exec else 0o444), 1
         mtime_ns = attr.mtime * 1_000_000_000
-        status = {"st_mode": mode, "st_nlink": nlink, "st_size": attr.size, "st_uid": self._uid,
-                  "st_gid": self._gid, "st_mtime": mtime_ns, "st_ctime": mtime_ns, "st_atime": mtime_ns,
-                  "st_blocks": (attr.size + 511) >> 9}
-        if attr.kind == "dir":
-            status["st_blksize"] = DIR_BLOCK_SIZE
-        return status
+        return {"st_mode": mode, "st_nlink": nlink, "st_size": attr.size, "st_uid": self._uid,
+                "st_gid": self._gid, "st_mtime": mtime_ns, "st_ctime": mtime_ns, "st_atime": mtime_ns,
+                "st_blocks": (attr.size + 511) >> 9}
 
 
 class _Entries:

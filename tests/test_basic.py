@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -85,22 +84,6 @@ def test_readahead_is_raised_where_the_daemon_may(basic, mount):
     with open(f"/sys/class/bdi/{device}/read_ahead_kb") as knob:
         readahead = int(knob.read())
     assert readahead == (1024 if os.geteuid() == 0 else 128), mounted.log_tail()
-
-
-def test_directories_report_large_blocks_so_listings_come_in_large_batches(basic, mount):
-    """Every directory (the root, a commit, an output, a directory inside it) reports 1 MiB blocks,
-    from which glibc sizes its readdir buffer (the kernel then asks for that many bytes of entries
-    per request); files keep the kernel's default."""
-    mounted = mount(f"{basic.path}")
-    commit = f"@{basic.refs['main']}"
-    directories = [mounted.path, mounted.path / commit]
-    directories += [Path(root) for root, _, _ in os.walk(mounted.path / commit)]
-    assert len(directories) > 3, directories
-    for directory in directories:
-        assert os.stat(directory).st_blksize == 1 << 20, directory
-    files = [Path(root) / name for root, _, names in os.walk(mounted.path / commit) for name in names
-             if (Path(root) / name).is_file() and not (Path(root) / name).is_symlink()]
-    assert files and all(os.stat(path).st_blksize == 4096 for path in files), files
 
 
 def test_pinned_branch_with_slash(basic, mount, oracle):
