@@ -68,6 +68,7 @@ class Output:
     size: int | None = None
     is_exec: bool = False
     cache: bool = True
+    nfiles: int | None = None  # a directory output's file count, as its metafile says
     remote: str | None = None
     import_source: ImportSource | None = None
     # Cloud versioning (../shared/dvc-format.md section 8): the version ids of a file output, per
@@ -331,6 +332,7 @@ def _output(raw, metafile, base, wdir, flags, import_source) -> Output:
         hash_name=HASH_MD5 if raw.get("hash") == HASH_MD5 else HASH_LEGACY,
         metafile=metafile,
         size=_size(raw.get("size")),
+        nfiles=_size(raw.get("nfiles")),
         is_exec=raw.get("isexec") is True,
         cache=options.get("cache", True) is not False,
         remote=str(remote).lower() if remote else None,

@@ -108,7 +108,7 @@ class Operations(mfusepy.Operations):
         self._stats = view.stats
         self._kernel = _KernelCache()
         self._shape_tables: list[dict] = []  # stat structures for listings, one table per reply at a time
-        self._templates: dict[tuple[str, bool, int], mfusepy.c_stat] = {}  # for getattr_into
+        self._templates: dict[tuple[str, bool, int, int], mfusepy.c_stat] = {}  # for getattr_into
 
     def init_with_config(self, conn, config) -> None:
         if config is not None:
@@ -138,18 +138,18 @@ class Operations(mfusepy.Operations):
         """`getattr` written into libfuse's stat structure: a copy of the structure of the entries
         of that kind, exec bit and mtime, then the size (no dict, no setattr per field)."""
         attr = self._view.attr(path)
-        ctypes.pointer(status)[0] = self._template(attr.kind, attr.is_exec, attr.mtime)
+        ctypes.pointer(status)[0] = self._template(attr.kind, attr.is_exec, attr.mtime, attr.block_size)
         status.st_size = attr.size
         status.st_blocks = (attr.size + 511) >> 9
 
-    def _template(self, kind: str, is_exec: bool, mtime: int) -> mfusepy.c_stat:
-        """The stat structure of an empty entry of that kind, exec bit and mtime (never written
-        to: callers copy it, then set the size)."""
-        key = (kind, is_exec, mtime)
+    def _template(self, kind: str, is_exec: bool, mtime: int, block_size: int = 0) -> mfusepy.c_stat:
+        """The stat structure of an empty entry of that kind, exec bit, mtime and block size (never
+        written to: callers copy it, then set the size)."""
+        key = (kind, is_exec, mtime, block_size)
         template = self._templates.get(key)
         if template is None:
             template = mfusepy.c_stat()
-            mfusepy.set_st_attrs(template, self._stat(Attr(kind, 0, is_exec, mtime)), use_ns=True)
+            mfusepy.set_st_attrs(template, self._stat(Attr(kind, 0, is_exec, mtime, block_size)), use_ns=True)
             if len(self._templates) > 256:  # a few per commit mtime
                 self._templates.clear()
             self._templates[key] = template
@@ -234,9 +234,12 @@ class Operations(mfusepy.Operations):
         else:
             mode, nlink = stat.S_IFREG | (0o555 if attr.is_exec else 0o444), 1
         mtime_ns = attr.mtime * 1_000_000_000
-        return {"st_mode": mode, "st_nlink": nlink, "st_size": attr.size, "st_uid": self._uid,
-                "st_gid": self._gid, "st_mtime": mtime_ns, "st_ctime": mtime_ns, "st_atime": mtime_ns,
-                "st_blocks": (attr.size + 511) >> 9}
+        status = {"st_mode": mode, "st_nlink": nlink, "st_size": attr.size, "st_uid": self._uid,
+                  "st_gid": self._gid, "st_mtime": mtime_ns, "st_ctime": mtime_ns, "st_atime": mtime_ns,
+                  "st_blocks": (attr.size + 511) >> 9}
+        if attr.block_size:
+            status["st_blksize"] = attr.block_size
+        return status
 
 
 class _Entries:

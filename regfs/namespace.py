@@ -50,6 +50,7 @@ class Attr(NamedTuple):
     size: int
     is_exec: bool
     mtime: int
+    block_size: int = 0  # st_blksize, or 0 for the kernel's default
 
 
 class MountView:
@@ -268,7 +269,7 @@ class MountView:
 
 
 def attr_of(node: Node, mtime: int) -> Attr:
-    return Attr(node.kind, 0 if isinstance(node, DirNode) else node.size, node.is_exec, mtime)
+    return Attr(node.kind, 0 if isinstance(node, DirNode) else node.size, node.is_exec, mtime, node.block_size)
 
 
 def _add_ref(root: DirNode, name: str, commit_sha: str) -> None:

@@ -266,7 +266,7 @@ class Registry:
                 store.locate(ref, Location(output.path, _version(output.versions, versioned)))
             return ObjectNode(ref, store, output.size, output.is_exec)
         return OutputDirNode(lambda: self._dir_children(ref, store, output.path, output.size), output.path, ref,
-                             store)
+                             store, output.nfiles)
 
     def _dir_children(self, ref: ObjectRef, store: ObjectStore, path: str, total: int | None) -> Mapping[str, Node]:
         try:

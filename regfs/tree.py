@@ -30,9 +30,20 @@ from regfs.manifest import Listing, Row
 logger = logging.getLogger(__name__)
 
 
+# A directory of many entries reports large blocks (`st_blksize`): glibc sizes a reader's getdents
+# buffer from it (32 KiB by default, at most 1 MiB), and the kernel asks FUSE for a buffer's worth
+# of entries per request, so an `ls -l` of 100k entries takes about 20 requests, not 500. Only for
+# many entries: the kernel asks for every entry's attributes in a directory's first request (a
+# libfuse node and a kernel inode each), which for a names-only listing of small directories would
+# be most of their entries instead of about 200 each.
+MANY_ENTRIES = 4096
+LARGE_BLOCK = 1 << 20
+
+
 class Node:
     kind = "file"
     is_exec = False
+    block_size = 0  # what the directory reports as st_blksize (0: the kernel's default)
 
     @property
     def size(self) -> int:
@@ -67,7 +78,9 @@ class DirNode(Node):
 def _rows(children: Mapping[str, Node], names: list[str], start: int) -> Iterator[Row]:
     for position in range(start, len(names)):
         node = children[names[position]]
-        yield names[position], node.kind, 0 if isinstance(node, DirNode) else node.known_size, node.is_exec
+        # A directory's row gives its attributes, but not its block size: a lookup does (size None).
+        size = (None if node.block_size else 0) if isinstance(node, DirNode) else node.known_size
+        yield names[position], node.kind, size, node.is_exec
 
 
 class LazyDirNode(DirNode):
@@ -101,9 +114,12 @@ class LazyDirNode(DirNode):
 class OutputDirNode(LazyDirNode):
     """A directory output: its entries come from the `.dir` manifest object `ref` in `store`."""
 
-    def __init__(self, load: Callable[[], Mapping[str, Node]], what: str, ref: ObjectRef, store):
+    def __init__(self, load: Callable[[], Mapping[str, Node]], what: str, ref: ObjectRef, store,
+                 entries: int | None = None):
         super().__init__(load, what)
         self.ref, self.store = ref, store
+        if entries is not None and entries >= MANY_ENTRIES:  # its top directory may hold them all
+            self.block_size = LARGE_BLOCK
 
 
 class ManifestDirectory(Mapping):
