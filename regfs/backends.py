@@ -305,7 +305,7 @@ class HTTPBackend(Backend):
                     failures.append(exc)
                     return exc
 
-        async def every() -> list[int | None | BaseException]:
+        async def every() -> list[int | Whole | None | BaseException]:
             gate = asyncio.Semaphore(at_once)
             return await asyncio.gather(*(size(path, gate) for path in paths))
 

@@ -107,9 +107,10 @@ class Fetcher:
         """Run a registered download to its end, whatever the end, and tell its waiters (`body`:
         the object's bytes, already here)."""
         ref, started, path, error = download.ref, time.monotonic(), None, None
-        fill = download.fill if body is None else lambda writer, _: download.take(writer, body)
+        fill = ((lambda writer: download.fill(writer, remote)) if body is None
+                else (lambda writer: download.take(writer, body)))
         try:
-            path = self.cache.install(ref, lambda writer: fill(writer, remote))
+            path = self.cache.install(ref, fill)
         except IntegrityError as exc:
             self.stats.remote_failed(remote.describe())
             error = IntegrityError(f"{exc} (downloaded from {remote.describe()}); nothing was cached")

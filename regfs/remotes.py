@@ -280,7 +280,7 @@ class Remote:
         `files/md5/ab/cd...`) that hold them, whichever asks less: see `_listings`. With `whole`
         and `keep`, a remote that asks for sizes together (HTTP) GETs the first `whole` bytes of
         each object instead of a HEAD, and hands the objects no bigger to `keep(relpath, bytes)`,
-        in this thread."""
+        from a thread of this call (never from the backend's event loop)."""
         by_dir: dict[str | None, list[str]] = {}  # None: objects of a cloud-versioned remote, one by one
         for relpath in relpaths:
             by_dir.setdefault(None if self._location(relpath) else posixpath.dirname(relpath), []).append(relpath)
